@@ -1,0 +1,5 @@
+"""Errors that binaries report to the user as one clear line (no traceback)."""
+
+
+class ConfigError(ValueError):
+    """A flag or config value is invalid; the message names the flag and what is expected."""

@@ -1,0 +1,204 @@
+"""Training plumbing shared by the M&M tuner and the segmenter.
+
+`fit_resumable` drives `keras.Model.fit` in windows of `log_every` steps: each window is a
+Keras "epoch", so Keras' Mean metrics are windowed averages, TensorBoard scalars are
+written once per window at the optimizer's step, and checkpoints land on window
+boundaries. A killed run restarted with the same work folder restores the newest
+checkpoint (model, optimizer, step) and continues; a NaN/inf loss stops the run with a
+clear message and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from mm_tf.errors import ConfigError
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long to train and how often to log, checkpoint and write images.
+
+    Args:
+      steps: total optimizer steps of the run.
+      log_every: steps per logging window (a Keras epoch); must divide `steps`.
+      checkpoint_every: steps between checkpoints; a multiple of `log_every`.
+      image_every: steps between image summaries (0 = never); a multiple of `log_every`.
+      keep_checkpoints: how many checkpoints the manager keeps.
+      verbose: Keras progress output (0 silent, 2 one line per window).
+    """
+
+    steps: int
+    log_every: int = 20
+    checkpoint_every: int = 200
+    image_every: int = 500
+    keep_checkpoints: int = 3
+    verbose: int = 2
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the flag when the schedule does not tile the run."""
+        if self.steps <= 0:
+            raise ConfigError(f"--steps must be positive, got {self.steps}")
+        if self.log_every <= 0 or self.steps % self.log_every:
+            raise ConfigError(
+                f"--log_every={self.log_every} must be positive and divide --steps={self.steps}")
+        for flag, value in (("checkpoint_every", self.checkpoint_every),
+                            ("image_every", self.image_every)):
+            if value < 0 or value % self.log_every:
+                raise ConfigError(
+                    f"--{flag}={value} must be a non-negative multiple of "
+                    f"--log_every={self.log_every}")
+
+
+def make_sgd(learning_rate: float, boundaries, decay: float, momentum: float):
+    """SGD with momentum and a step schedule: lr x decay from each boundary step on
+    (Caffe 'multistep': the update at iteration b already uses the dropped rate)."""
+    # Keras switches values only when step > boundary; Caffe when iter >= stepvalue.
+    boundaries = [int(b) - 1 for b in boundaries]
+    if boundaries:
+        values = [learning_rate * decay**i for i in range(len(boundaries) + 1)]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    else:
+        lr = learning_rate
+    return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+
+
+def kernel_l2(variables) -> tf.Tensor:
+    """0.5 * sum of squared kernels: Caffe's coupled weight decay (its gradient is w)."""
+    terms = [tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables]
+    if not terms:
+        return tf.constant(0.0)
+    return 0.5 * tf.add_n(terms)
+
+
+def decayed_kernels(model: keras.Model):
+    """The conv/dense kernels of `model` (weight decay targets; BN and biases are exempt)."""
+    kernels = []
+    for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.trainable:
+            kernels.append(layer.kernel)
+    return kernels
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes `payload` as JSON to `path` through a temp file + rename, so readers never
+    see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class _WindowCallback(keras.callbacks.Callback):
+    """Scalars, images, checkpoints and the NaN guard, once per logging window."""
+
+    def __init__(self, manager, writer, config: LoopConfig,
+                 image_fn: Optional[Callable[[int], None]], scalar_names: dict):
+        super().__init__()
+        self._manager = manager
+        self._writer = writer
+        self._config = config
+        self._image_fn = image_fn
+        self._scalar_names = scalar_names
+        self.diverged_at: Optional[int] = None
+        self.last_logs: dict = {}
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = self._step()
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged_at is not None:
+            return  # Never checkpoint a diverged model: the last good one stays newest.
+        step = self._step()
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.last_logs = logs
+        with self._writer.as_default(step=step):
+            for key, value in logs.items():
+                tf.summary.scalar(self._scalar_names.get(key, key), value)
+            tf.summary.scalar("learning_rate", float(self.model.optimizer.learning_rate))
+        if self._image_fn and self._config.image_every and step % self._config.image_every == 0:
+            with self._writer.as_default(step=step):
+                self._image_fn(step)
+        self._writer.flush()
+        if (self._config.checkpoint_every and step % self._config.checkpoint_every == 0) or \
+                step == self._config.steps:
+            self._manager.save(checkpoint_number=step)
+
+
+def restore_or_init(model: keras.Model, checkpoint_dir: str, keep: int = 3):
+    """Builds a CheckpointManager over (model, optimizer) and restores the newest
+    checkpoint if any; returns (manager, restored_step). `model` must be built."""
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=keep)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    return manager, int(model.optimizer.iterations.numpy())
+
+
+def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Dataset],
+                  workdir: str, config: LoopConfig, *,
+                  image_fn: Optional[Callable[[int], None]] = None,
+                  scalar_names: Optional[dict] = None) -> dict:
+    """Trains `model` (compiled) to `config.steps`, resuming from `workdir/checkpoints`.
+
+    Args:
+      model: a compiled keras.Model whose train_step returns Mean-metric results.
+      make_dataset: start_step -> an infinite dataset of batches; a resumed run gets the
+        step it resumes from so that it can re-seed or skip its data stream.
+      workdir: run folder; holds `checkpoints/` and `tensorboard/`.
+      config: the loop schedule.
+      image_fn: step -> None, writes image summaries (called inside the writer context).
+      scalar_names: Keras log key -> TensorBoard tag (e.g. "loss" -> "losses/total").
+
+    Returns:
+      dict(steps, start_step, seconds, logs) where logs are the last window's metrics.
+
+    Raises:
+      TrainingDivergedError: the loss became NaN/inf (the message names the step and the
+        checkpoint that is kept).
+    """
+    config.validate()
+    manager, start_step = restore_or_init(model, os.path.join(workdir, "checkpoints"),
+                                          config.keep_checkpoints)
+    if start_step % config.log_every:
+        raise ConfigError(f"checkpoint step {start_step} in {workdir} is not a multiple of "
+                         f"--log_every={config.log_every}; resume with the original flags")
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "train"))
+    callback = _WindowCallback(manager, writer, config, image_fn, scalar_names or {})
+    started = time.time()
+    if start_step < config.steps:
+        model.fit(make_dataset(start_step),
+                  steps_per_epoch=config.log_every,
+                  epochs=config.steps // config.log_every,
+                  initial_epoch=start_step // config.log_every,
+                  callbacks=[callback], verbose=config.verbose)
+    writer.close()
+    if callback.diverged_at is not None:
+        kept = manager.latest_checkpoint or "none (no checkpoint was written yet)"
+        raise TrainingDivergedError(
+            f"loss became NaN or infinite at step {callback.diverged_at}; training stopped. "
+            f"Last good checkpoint: {kept}. Lower the learning rate or check the data.")
+    return {"steps": int(model.optimizer.iterations.numpy()), "start_step": start_step,
+            "seconds": time.time() - started, "logs": callback.last_logs}
