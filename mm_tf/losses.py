@@ -1,0 +1,82 @@
+"""Losses of mm-tf.
+
+Triplet ranking loss of the match step (paper Eq. 1 and 2):
+    L = 1/N sum_i max(D(a_i, p_i) - D(a_i, n_i) + alpha, 0),
+    D(x, y) = || x/||x|| - y/||y|| ||^2 on flattened (pool5) features, alpha = 2.1.
+The mean runs over the valid triplets only (masked rows of `mm_tf.match` are left
+out). The release's Caffe TripletLoss layer divides the sum by 2N instead of N; its
+gradients are therefore half of these (a learning-rate factor, not a different loss).
+Every distance is computed in float32, whatever the embedding dtype.
+"""
+
+import tensorflow as tf
+
+# ----- Triplet ranking loss of the match step -----
+
+# Triplet margin alpha of the paper and the release (`threshold_param { threshold: 2.1 }`).
+MARGIN = 2.1
+
+# Squared norms at or below this count as a zero vector.
+_NORM_SQ_EPSILON = 1e-12
+
+
+def l2_normalize_flat(x):
+    """Flatten x [N, ...] to float32 [N, D] and L2-normalise each row.
+
+    Rows with a (near) zero norm are passed through unscaled, as the release's Caffe
+    Normalize layer does, so a zero vector stays zero and its gradient is finite.
+    """
+    x = tf.cast(x, tf.float32)
+    x = tf.reshape(x, [tf.shape(x)[0], -1])
+    norm_sq = tf.reduce_sum(tf.square(x), axis=1, keepdims=True)
+    nonzero = norm_sq > _NORM_SQ_EPSILON
+    # Double where: rsqrt never sees 0, so no inf/NaN flows into the gradient.
+    inv_norm = tf.where(nonzero, tf.math.rsqrt(tf.where(nonzero, norm_sq, 1.0)), 1.0)
+    return x * inv_norm
+
+
+def pairwise_sq_dist_rows(x, i, j):
+    """Squared distances float32 [K] between rows x[i] and x[j]: x [N, D], i, j int [K]."""
+    diff = tf.gather(x, i) - tf.gather(x, j)
+    return tf.reduce_sum(tf.square(diff), axis=1)
+
+
+def triplet_terms(embeddings, indices, mask, margin=MARGIN):
+    """Per-triplet hinge terms of embeddings [N, ...] for indices int [N, 3] and mask [N].
+
+    Returns dict(per_triplet [N] = max(d_ap - d_an + margin, 0), d_ap [N], d_an [N]),
+    all float32 and 0 where mask is False.
+    """
+    x = l2_normalize_flat(embeddings)
+    indices = tf.cast(indices, tf.int32)
+    mask = tf.cast(mask, tf.bool)
+    d_ap = pairwise_sq_dist_rows(x, indices[:, 0], indices[:, 1])
+    d_an = pairwise_sq_dist_rows(x, indices[:, 0], indices[:, 2])
+    hinge = tf.nn.relu(d_ap - d_an + margin)
+    zero = tf.zeros_like(hinge)
+    # tf.where (not a multiply) so a masked row contributes no gradient at all.
+    return {
+        "per_triplet": tf.where(mask, hinge, zero),
+        "d_ap": tf.where(mask, d_ap, zero),
+        "d_an": tf.where(mask, d_an, zero),
+    }
+
+
+def triplet_loss(embeddings, indices, mask, margin=MARGIN):
+    """Masked-mean triplet loss of embeddings [N, ...], indices [N, 3], mask [N].
+
+    Returns float32 scalars: loss (mean over valid triplets, 0 when there is none),
+    active_fraction (share of valid triplets with a positive hinge), d_ap and d_an
+    (mean distances over valid triplets).
+    """
+    terms = triplet_terms(embeddings, indices, mask, margin)
+    valid = tf.cast(mask, tf.float32)
+    # max(count, 1): an all-masked batch gives 0, not 0/0.
+    count = tf.maximum(tf.reduce_sum(valid), 1.0)
+    active = tf.cast(terms["per_triplet"] > 0, tf.float32) * valid
+    return {
+        "loss": tf.reduce_sum(terms["per_triplet"]) / count,
+        "active_fraction": tf.reduce_sum(active) / count,
+        "d_ap": tf.reduce_sum(terms["d_ap"]) / count,
+        "d_an": tf.reduce_sum(terms["d_an"]) / count,
+    }

@@ -1,0 +1,136 @@
+"""Tests of the triplet part of mm_tf.losses: values worked out by hand, masking,
+dtypes, gradients and compilation."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mm_tf import losses
+
+# Four 2-D features whose normalised versions are simple:
+#   x0 = (3, 4) -> (0.6, 0.8)   x1 = (1, 0) -> (1, 0)
+#   x2 = (0, 2) -> (0, 1)       x3 = (-5, 0) -> (-1, 0)
+# Squared distances of the normalised rows:
+#   D01 = 0.4^2 + 0.8^2 = 0.8   D02 = 0.6^2 + 0.2^2 = 0.4   D03 = 1.6^2 + 0.8^2 = 3.2
+#   D12 = 1 + 1 = 2             D13 = 2^2 = 4               D23 = 1 + 1 = 2
+_X = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [-5.0, 0.0]], np.float32)
+_INDICES = np.array([[0, 1, 3], [0, 2, 1], [1, 2, 3], [3, 1, 2]], np.int32)
+_MASK = np.array([True, True, True, False])
+# With margin 2.1:
+#   (0, 1, 3): 0.8 - 3.2 + 2.1 = -0.3 -> 0      (margin inactive)
+#   (0, 2, 1): 0.4 - 0.8 + 2.1 = 1.7            (active)
+#   (1, 2, 3): 2.0 - 4.0 + 2.1 = 0.1            (active)
+#   (3, 1, 2): 4.0 - 2.0 + 2.1 = 4.1, masked -> 0
+_PER_TRIPLET = [0.0, 1.7, 0.1, 0.0]
+_D_AP = [0.8, 0.4, 2.0, 0.0]
+_D_AN = [3.2, 0.8, 4.0, 0.0]
+
+
+def test_margin_constant():
+    assert losses.MARGIN == 2.1
+
+
+def test_l2_normalize_flat_shapes_and_zero_rows():
+    x = np.zeros((3, 2, 2, 1), np.float32)
+    x[0, 0, 0, 0], x[0, 1, 1, 0] = 3.0, 4.0
+    x[2] = -1.0
+    y = losses.l2_normalize_flat(tf.constant(x)).numpy()
+    assert y.shape == (3, 4) and y.dtype == np.float32
+    np.testing.assert_allclose(y[0], [0.6, 0.0, 0.0, 0.8], atol=1e-6)
+    np.testing.assert_array_equal(y[1], 0.0)  # a zero row stays zero
+    np.testing.assert_allclose(y[2], [-0.5] * 4, atol=1e-6)
+
+
+def test_pairwise_sq_dist_rows():
+    x = losses.l2_normalize_flat(tf.constant(_X))
+    d = losses.pairwise_sq_dist_rows(x, tf.constant([0, 0, 0, 1, 1, 2]),
+                                     tf.constant([1, 2, 3, 2, 3, 3])).numpy()
+    np.testing.assert_allclose(d, [0.8, 0.4, 3.2, 2.0, 4.0, 2.0], atol=1e-6)
+
+
+def test_triplet_terms_by_hand():
+    terms = losses.triplet_terms(tf.constant(_X), tf.constant(_INDICES), tf.constant(_MASK))
+    np.testing.assert_allclose(terms["per_triplet"].numpy(), _PER_TRIPLET, atol=1e-6)
+    np.testing.assert_allclose(terms["d_ap"].numpy(), _D_AP, atol=1e-6)
+    np.testing.assert_allclose(terms["d_an"].numpy(), _D_AN, atol=1e-6)
+
+
+def test_triplet_loss_by_hand():
+    out = losses.triplet_loss(tf.constant(_X), tf.constant(_INDICES), tf.constant(_MASK))
+    np.testing.assert_allclose(out["loss"].numpy(), (0.0 + 1.7 + 0.1) / 3, atol=1e-6)
+    np.testing.assert_allclose(out["active_fraction"].numpy(), 2 / 3, atol=1e-6)
+    np.testing.assert_allclose(out["d_ap"].numpy(), (0.8 + 0.4 + 2.0) / 3, atol=1e-6)
+    np.testing.assert_allclose(out["d_an"].numpy(), (3.2 + 0.8 + 4.0) / 3, atol=1e-6)
+    # Margin 0.5: only (0, 2, 1) stays active: 0.4 - 0.8 + 0.5 = 0.1.
+    out = losses.triplet_loss(_X, _INDICES, _MASK, margin=0.5)
+    np.testing.assert_allclose(out["loss"].numpy(), 0.1 / 3, atol=1e-6)
+    np.testing.assert_allclose(out["active_fraction"].numpy(), 1 / 3, atol=1e-6)
+
+
+def test_all_masked_gives_zero_not_nan():
+    x = tf.constant(_X)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = losses.triplet_loss(x, _INDICES, np.zeros(4, bool))
+    for value in out.values():
+        assert float(value) == 0.0
+    grad = tape.gradient(out["loss"], x).numpy()
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_masked_rows_get_no_gradient():
+    x = tf.constant(_X)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        # Only (0, 2, 1) is live; the masked (3, 1, 2) would be active (4.1) if it were.
+        terms = losses.triplet_terms(x, [[3, 1, 2], [0, 2, 1]], [False, True])
+        loss = tf.reduce_sum(terms["per_triplet"])
+    grad = tape.gradient(loss, x).numpy()
+    np.testing.assert_array_equal(grad[3], 0.0)
+    assert np.all(np.abs(grad[:3]).sum(axis=1) > 0)
+
+
+def test_gradients_finite_for_zero_vectors():
+    x = tf.constant(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], np.float32))
+    indices = tf.constant([[0, 2, 1], [1, 3, 0], [2, 0, 3], [3, 1, 2]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = losses.triplet_loss(x, indices, tf.ones([4], tf.bool))["loss"]
+    grad = tape.gradient(loss, x).numpy()
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(grad))
+
+
+def test_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype(np.float64)
+    indices = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 4], [3, 2, 0], [4, 0, 1]], np.int32)
+    mask = np.array([True, True, False, True, True])
+
+    def loss_fn(v):
+        return losses.triplet_loss(v, indices, mask, margin=3.0)["loss"]
+
+    analytic, numeric = tf.test.compute_gradient(loss_fn, [tf.constant(x, tf.float32)],
+                                                 delta=1e-3)
+    np.testing.assert_allclose(analytic[0], numeric[0], atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16])
+def test_low_precision_embeddings_are_measured_in_float32(dtype):
+    x = tf.cast(tf.constant(_X), dtype)
+    out = losses.triplet_loss(x, _INDICES, _MASK)
+    assert all(v.dtype == tf.float32 for v in out.values())
+    # _X is exact in both formats, so the hand values hold to float32 round-off.
+    np.testing.assert_allclose(out["loss"].numpy(), 0.6, atol=1e-5)
+
+
+def test_rank4_features_and_xla():
+    rng = np.random.default_rng(1)
+    feats = tf.constant(rng.normal(size=(6, 2, 2, 3)), tf.float32)
+    indices = tf.constant(rng.integers(0, 6, size=(6, 3)), tf.int32)
+    mask = tf.constant([True, False, True, True, False, True])
+    eager = losses.triplet_loss(feats, indices, mask)
+    compiled = tf.function(losses.triplet_loss, jit_compile=True)(feats, indices, mask)
+    flat = losses.triplet_loss(tf.reshape(feats, [6, -1]), indices, mask)
+    for key in eager:
+        np.testing.assert_allclose(compiled[key].numpy(), eager[key].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(flat[key].numpy(), eager[key].numpy(), rtol=1e-6)
