@@ -11,10 +11,8 @@ clear message and keeps the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Optional
 
@@ -22,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from mm_tf.errors import ConfigError
+from mm_tf.files import write_json_atomic  # noqa: F401  (re-exported for callers)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -91,17 +90,6 @@ def decayed_kernels(model: keras.Model):
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.trainable:
             kernels.append(layer.kernel)
     return kernels
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes `payload` as JSON to `path` through a temp file + rename, so readers never
-    see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 class _WindowCallback(keras.callbacks.Callback):

@@ -22,3 +22,11 @@ def camvid_dir():
     if not (CAMVID_DIR / "train.txt").is_file():
         pytest.skip(f"real CamVid not found at {CAMVID_DIR}")
     return CAMVID_DIR
+
+
+@pytest.fixture(scope="session")
+def small_demo_dir(tmp_path_factory):
+    """A small embedded demo data set (16 train, 4 val images), made once per session."""
+    from mm_tf.data import synthetic  # pylint: disable=import-outside-toplevel
+    return synthetic.generate_demo_dataset(tmp_path_factory.mktemp("demo") / "data",
+                                           num_train=16, num_val=4)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mm_tf import files
 from mm_tf import training
 from mm_tf.errors import ConfigError
 
@@ -135,6 +136,6 @@ def test_sgd_step_schedule():
 
 def test_write_json_atomic(tmp_path):
     path = tmp_path / "sub" / "summary.json"
-    training.write_json_atomic(str(path), {"a": 1})
+    files.write_json_atomic(str(path), {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["summary.json"]

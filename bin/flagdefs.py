@@ -1,0 +1,96 @@
+"""Flags shared by the mm-tf binaries, and their conversion into mm_tf configs.
+
+Binaries call `define_*` at import time and the `*_from_flags` functions in `main()`;
+nothing under `mm_tf/` reads flags.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_data_flags(split_default: str = "train") -> None:
+    """--dataset, --data_dir, --split and the generic list-file options."""
+    flags.DEFINE_string("dataset", "demo",
+                        "voc | voc_aug | cityscapes | camvid | list | demo")
+    flags.DEFINE_string("data_dir", "work/demo_data",
+                        "Data set root. For --dataset=demo it is generated there if missing.")
+    flags.DEFINE_string("split", split_default, "Split to read (train, val, ...).")
+    flags.DEFINE_string("list_file", None, "--dataset=list: the IMAGE LABEL list file.")
+    flags.DEFINE_integer("num_classes", None, "--dataset=list: number of classes.")
+    flags.DEFINE_integer("ignore_label", None, "--dataset=list: raw ignore value.")
+    flags.DEFINE_string("tfrecord_pattern", None,
+                        "Read sharded TFRecords (bin/make_tfrecords.py) instead of files.")
+
+
+def define_input_flags() -> None:
+    """Training input pipeline flags (defaults: the paper's M&M settings)."""
+    flags.DEFINE_integer("batch_size", 16, "Images per step (global).")
+    flags.DEFINE_integer("crop_size", 512, "Square training crop.")
+    flags.DEFINE_float("min_scale", 0.5, "Random scale lower bound.")
+    flags.DEFINE_float("max_scale", 2.0, "Random scale upper bound.")
+    flags.DEFINE_enum("input_mode", "rgb", ["rgb", "grey"],
+                      "rgb (mean-subtracted) or grey (colorization models' input).")
+
+
+def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 200,
+                      image_every: int = 500) -> None:
+    """Run length, logging and checkpoint cadence, seed, work folder, XLA."""
+    flags.DEFINE_string("workdir", None, "Run folder (checkpoints, TensorBoard, outputs).")
+    flags.DEFINE_integer("steps", steps, "Optimizer steps.")
+    flags.DEFINE_integer("log_every", log_every, "Steps per logging window.")
+    flags.DEFINE_integer("checkpoint_every", checkpoint_every, "Steps between checkpoints.")
+    flags.DEFINE_integer("image_every", image_every, "Steps between image summaries.")
+    flags.DEFINE_integer("seed", 0, "Base seed of data order and stateless randomness.")
+    flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+    flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
+
+
+def dataset_from_flags():
+    """Reads the flagged data set: (pairs, info); generates the demo data if needed."""
+    from mm_tf.data import datasets  # pylint: disable=import-outside-toplevel
+    if FLAGS.dataset == "demo" and not os.path.isfile(
+            os.path.join(FLAGS.data_dir, "dataset.json")):
+        # Only a missing demo set is generated; one made with other sizes is kept.
+        from mm_tf.data import synthetic  # pylint: disable=import-outside-toplevel
+        synthetic.generate_demo_dataset(FLAGS.data_dir)
+    return datasets.read_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.split,
+                                 list_file=FLAGS.list_file, num_classes=FLAGS.num_classes,
+                                 ignore_label=FLAGS.ignore_label)
+
+
+def input_config_from_flags(**overrides):
+    """InputConfig from the input flags (plus the seed and TFRecord source)."""
+    from mm_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+    kwargs = dict(crop_size=FLAGS.crop_size, batch_size=FLAGS.batch_size,
+                  min_scale=FLAGS.min_scale, max_scale=FLAGS.max_scale,
+                  input_mode=FLAGS.input_mode, seed=FLAGS.seed)
+    if FLAGS.tfrecord_pattern:
+        kwargs.update(source="tfrecord", tfrecord_pattern=FLAGS.tfrecord_pattern)
+    kwargs.update(overrides)
+    return pipeline.InputConfig(**kwargs)
+
+
+def loop_config_from_flags():
+    """LoopConfig from the loop flags."""
+    from mm_tf import training  # pylint: disable=import-outside-toplevel
+    return training.LoopConfig(steps=FLAGS.steps, log_every=FLAGS.log_every,
+                               checkpoint_every=FLAGS.checkpoint_every,
+                               image_every=FLAGS.image_every, verbose=FLAGS.verbose)
+
+
+def fail(message: str) -> None:
+    """Prints a one-line error for the user and exits 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,88 @@
+"""M&M tuning (the paper's stage b): mix patches, match them in a class-wise connected
+graph, tune the backbone up to pool5 with the triplet loss.
+
+Defaults are the paper's/release's values. Examples:
+  python bin/train_mm.py --flagfile=flags/demo_mm.flags --workdir=work/demo_mm
+  python bin/train_mm.py --flagfile=flags/voc_vgg16_random_mm.flags --workdir=work/voc_mm
+
+Outputs in --workdir: checkpoints/ (a rerun resumes), tensorboard/train,
+backbone.weights.h5 (for bin/train_seg.py --init) and summary.json.
+"""
+
+import flagdefs
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flagdefs.define_data_flags()
+flagdefs.define_input_flags()
+flagdefs.define_loop_flags(steps=8000, log_every=20, checkpoint_every=200, image_every=500)
+flags.DEFINE_enum("backbone", "vgg16", ["vgg16", "alexnet"], "Backbone network.")
+flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network).")
+flags.DEFINE_string("init", "random", "random, or a backbone weights file (.weights.h5/.npz).")
+flags.DEFINE_integer("patches_per_image", 9, "Patches per image (release 9, paper 10).")
+flags.DEFINE_integer("patch_size", 128, "Side the patches are resized to.")
+flags.DEFINE_integer("min_patch", 64, "Smallest sampled patch side (even).")
+flags.DEFINE_integer("max_patch", 256, "Largest sampled patch side (even).")
+flags.DEFINE_float("background_fraction", 0.1, "Share of patches centred on background.")
+flags.DEFINE_integer("background_class", None,
+                     "Background class id; default: the data set's (VOC 0, else none).")
+flags.DEFINE_bool("class_balanced", False, "Pick a present class uniformly, then a pixel.")
+flags.DEFINE_integer("oversample", 5, "Candidate over-sampling before de-duplication.")
+flags.DEFINE_float("max_overlap", 0.6, "Skip a candidate covered more than this by kept ones.")
+flags.DEFINE_enum("triplet_mode", "graph", ["graph", "random", "graph_semihard"],
+                  "Triplet selection: the paper's graph, random triplets, or semi-hard.")
+flags.DEFINE_float("margin", 2.1, "Triplet margin alpha.")
+flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
+flags.DEFINE_list("lr_boundaries", ["6000"], "Steps where the lr is multiplied by lr_decay.")
+flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay on conv kernels.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    del argv
+    # Imported here so --help is instant and flag errors come before TensorFlow loads.
+    from mm_tf import mix as mix_lib
+    from mm_tf import training
+    from mm_tf import tuner
+    from mm_tf.errors import ConfigError
+    from mm_tf.data.errors import DatasetError
+    from mm_tf.models.weights import WeightsMismatchError
+
+    try:
+        # Cheap checks first, so a wrong flag fails before any data is read.
+        loop = flagdefs.loop_config_from_flags()
+        loop.validate()
+        config = tuner.TuneConfig(
+            backbone=FLAGS.backbone, width=FLAGS.width, input_mode=FLAGS.input_mode,
+            init=FLAGS.init, triplet_mode=FLAGS.triplet_mode, margin=FLAGS.margin,
+            learning_rate=FLAGS.learning_rate,
+            lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
+            lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
+            weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile)
+        config.validate()
+        pairs, info = flagdefs.dataset_from_flags()
+        background = FLAGS.background_class
+        if background is None:
+            background = info.background_class
+        mix_config = mix_lib.MixConfig(
+            patches_per_image=FLAGS.patches_per_image, patch_size=FLAGS.patch_size,
+            min_side=FLAGS.min_patch, max_side=FLAGS.max_patch,
+            background_fraction=FLAGS.background_fraction, background_class=background,
+            oversample=FLAGS.oversample, max_overlap=FLAGS.max_overlap,
+            class_balanced=FLAGS.class_balanced)
+        summary = tuner.run_tuning(FLAGS.workdir, pairs, info,
+                                   flagdefs.input_config_from_flags(), mix_config, config,
+                                   loop)
+    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
+            ConfigError) as e:
+        flagdefs.fail(str(e))
+    print(f"M&M tuning done: {summary['steps']} steps in {summary['seconds']:.1f}s; "
+          f"backbone weights: {summary['backbone_weights']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,26 @@
+"""Small file helpers with no TensorFlow import (the pipeline orchestrator uses them)."""
+
+import json
+import os
+import tempfile
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes `payload` as JSON to `path` through a temp file + rename, so readers never
+    see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temp file + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""The M&M tuner: a seeded step on tiny shapes lowers the triplet loss, only layers up
+to pool5 move, coupled weight decay is in the total, and the run function resumes and
+writes the backbone weights and summary.json."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mm_tf import common
+from mm_tf import mix as mix_lib
+from mm_tf import training
+from mm_tf import tuner as tuner_lib
+from mm_tf.data import datasets
+from mm_tf.data import pipeline
+from mm_tf.data import synthetic
+from mm_tf.models import backbones
+
+MIX = mix_lib.MixConfig(patches_per_image=4, patch_size=32, min_side=16, max_side=32,
+                        background_class=0, use_gather_resize=False)
+
+
+def _batch(seed=0, size=64, batch=4):
+    """Images whose class is visible in the pixels: class 1 = bright stripes, class 2 =
+    dark squares, on a noisy background (class 0)."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0, 20, size=(batch, size, size, 3)).astype(np.float32)
+    labels = np.zeros((batch, size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    for b in range(batch):
+        cls = 1 + b % 2
+        y0, x0 = rng.integers(8, size - 32, size=2)
+        region = (yy >= y0) & (yy < y0 + 24) & (xx >= x0) & (xx < x0 + 24)
+        labels[b][region] = cls
+        pattern = (np.sin(xx / 2.0) * 80.0) if cls == 1 else (((yy // 4 + xx // 4) % 2) * -90.0)
+        images[b][region] += pattern[region][:, None]
+    return tf.constant(images), tf.constant(labels)
+
+
+def _tuner(mode="graph", seed=0):
+    backbone = backbones.build_backbone("vgg16", width=0.0625)
+    model = tuner_lib.MMTuner(backbone, MIX, triplet_mode=mode, seed=seed)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    return model
+
+
+def test_seeded_steps_lower_the_triplet_loss():
+    keras.utils.set_random_seed(1)
+    model = _tuner()
+    images, labels = _batch()
+    before, _ = model.mm_terms(images, labels, tf.constant(0))
+    for _ in range(8):
+        model.train_step({common.IMAGE: images, common.LABEL: labels})
+    after, _ = model.mm_terms(images, labels, tf.constant(0))
+    assert float(after["loss"]) < float(before["loss"])
+    assert int(model.optimizer.iterations) == 8
+
+
+def test_only_layers_up_to_pool5_are_tuned():
+    model = _tuner()
+    fc6_before = [v.numpy().copy() for v in model.backbone.get_layer("fc6").weights]
+    conv_before = model.backbone.get_layer("conv1_1").kernel.numpy().copy()
+    images, labels = _batch()
+    model.train_step({common.IMAGE: images, common.LABEL: labels})
+    for before, var in zip(fc6_before, model.backbone.get_layer("fc6").weights):
+        np.testing.assert_array_equal(before, var.numpy())
+    assert np.abs(model.backbone.get_layer("conv1_1").kernel.numpy() - conv_before).max() > 0
+
+
+def test_logged_total_includes_coupled_weight_decay():
+    model = _tuner()
+    images, labels = _batch()
+    logs = model.train_step({common.IMAGE: images, common.LABEL: labels})
+    assert float(logs["weight_decay"]) > 0
+    np.testing.assert_allclose(float(logs["loss"]),
+                               float(logs["triplet_loss"]) + float(logs["weight_decay"]),
+                               rtol=1e-5)
+    assert 0.0 <= float(logs["active_fraction"]) <= 1.0
+    assert float(logs["valid_patches"]) == 4 * MIX.patches_per_image
+
+
+def test_step_seeds_are_deterministic_and_differ_by_step():
+    model = _tuner(seed=3)
+    a = [s.numpy() for s in model.step_seeds(5)]
+    b = [s.numpy() for s in model.step_seeds(5)]
+    c = [s.numpy() for s in model.step_seeds(6)]
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("mode", ["random", "graph_semihard"])
+def test_other_triplet_modes_train(mode):
+    model = _tuner(mode)
+    images, labels = _batch()
+    logs = model.train_step({common.IMAGE: images, common.LABEL: labels})
+    assert np.isfinite(float(logs["loss"]))
+
+
+def test_run_tuning_resumes_and_writes_outputs(tmp_path):
+    data_dir = synthetic.generate_demo_dataset(str(tmp_path / "data"), num_train=8,
+                                               num_val=2)
+    pairs, info = datasets.read_dataset("demo", data_dir, "train")
+    input_config = pipeline.InputConfig(crop_size=64, batch_size=2)
+    config = tuner_lib.TuneConfig(width=0.0625, lr_boundaries=(3,))
+    workdir = str(tmp_path / "mm")
+    first = tuner_lib.run_tuning(workdir, pairs, info, input_config, MIX, config,
+                                 training.LoopConfig(steps=2, log_every=1,
+                                                     checkpoint_every=1, image_every=2,
+                                                     verbose=0))
+    assert first["steps"] == 2 and first["resumed_from_step"] == 0
+    second = tuner_lib.run_tuning(workdir, pairs, info, input_config, MIX, config,
+                                  training.LoopConfig(steps=4, log_every=1,
+                                                      checkpoint_every=1, verbose=0))
+    assert second["resumed_from_step"] == 2 and second["steps"] == 4
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["graph_nodes"] == summary["global_batch_size"] * summary["patches_per_image"]
+    assert summary["graph_nodes"] == 2 * MIX.patches_per_image
+    assert os.path.isfile(summary["backbone_weights"])
+    for key in ("loss", "triplet_loss", "active_fraction", "d_ap", "d_an"):
+        assert np.isfinite(summary["metrics"][key])
