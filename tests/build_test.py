@@ -75,6 +75,9 @@ def test_every_dep_names_a_target(targets):
                 label = dep.split(":")[-1]
                 assert dep.startswith((":", "//:")) and label in targets, (
                     f"target {name!r} depends on {dep!r}, which names no target")
+        for data in attrs.get("data", []):
+            if data.startswith(":"):
+                assert data[1:] in targets, f"target {name!r} has data {data!r}, no target"
 
 
 def test_binaries_and_tests_have_a_main(targets):
