@@ -1,0 +1,108 @@
+"""Segmentation fine-tuning (the paper's stage c) and evaluation on the val split.
+
+Defaults are the paper's/release's values (VGG-16 hypercolumn; lr 0.01 x0.1 at 24k and
+36k of 40k updates; 6 images x iter_size 2 per update; 512x512 crops with mirroring, no
+rescaling). --init takes an M&M run's backbone.weights.h5 (or the proxy task's weights,
+or "random" for naive fine-tuning). Examples:
+  python bin/train_seg.py --flagfile=flags/demo_seg.flags --workdir=work/demo_seg
+  python bin/train_seg.py --flagfile=flags/voc_vgg16_random_seg.flags --workdir=work/voc_seg
+
+Outputs in --workdir: checkpoints/ (a rerun resumes), tensorboard/{train,val},
+model.weights.h5 + model_config.json (for bin/evaluate.py) and summary.json.
+"""
+
+import os
+
+import flagdefs
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flagdefs.define_data_flags()
+flagdefs.define_input_flags()
+flagdefs.define_loop_flags(steps=40000, log_every=20, checkpoint_every=1000, image_every=1000)
+# The release's segmentation data layer: batch 6, 512x512 crops, mirroring, no rescaling.
+FLAGS.set_default("batch_size", 6)
+FLAGS.set_default("crop_size", 512)
+FLAGS.set_default("min_scale", 1.0)
+FLAGS.set_default("max_scale", 1.0)
+flags.DEFINE_string("eval_split", "val", "Split evaluated after training.")
+flags.DEFINE_string("eval_list_file", None,
+                    "--dataset=list: the IMAGE LABEL list of the evaluation split.")
+flags.DEFINE_enum("backbone", "vgg16", ["vgg16", "alexnet"], "Backbone network.")
+flags.DEFINE_enum("head", "hypercolumn", ["hypercolumn", "fcn"],
+                  "hypercolumn (VGG-16, the paper) or fcn (FCN-32s, the AlexNet setting).")
+flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network).")
+flags.DEFINE_string("init", "random",
+                    "random (naive fine-tuning from scratch), or backbone weights: an M&M "
+                    "run's backbone.weights.h5, or proxy-task weights (.weights.h5/.npz).")
+flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
+flags.DEFINE_list("lr_boundaries", ["24000", "36000"],
+                  "Optimizer updates where the lr is multiplied by lr_decay.")
+flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay on conv/dense kernels.")
+flags.DEFINE_integer("iter_size", 2,
+                     "Micro-batches of --batch_size images per optimizer update (Caffe's "
+                     "iter_size; gradients averaged). --steps counts updates.")
+flags.DEFINE_enum("class_weighting", "none", ["none", "median_frequency"],
+                  "Cross-entropy class weights (median frequency from the train labels).")
+flags.DEFINE_integer("bn_recompute_batches", 0,
+                     "After training, set BN statistics to their mean over this many "
+                     "training batches (0 = the paper's moving averages).")
+flags.DEFINE_list("eval_scales", ["1.0"],
+                  "Image scales of the final evaluation (probabilities averaged); e.g. 0.5 "
+                  "when training crops were taken at half resolution.")
+flags.DEFINE_integer("eval_window", 0, "Sliding-window side for the final evaluation (0 = "
+                     "whole image).")
+flags.DEFINE_integer("eval_stride", 0, "Sliding-window stride (0 = 2/3 of the window).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    del argv
+    # Imported here so --help is instant and flag errors come before TensorFlow loads.
+    from mm_tf import evaluation
+    from mm_tf import segmenter
+    from mm_tf import training
+    from mm_tf.data import datasets
+    from mm_tf.data.errors import DatasetError
+    from mm_tf.errors import ConfigError
+    from mm_tf.models.weights import WeightsMismatchError
+
+    try:
+        train_pairs, info = flagdefs.dataset_from_flags()
+        val_pairs, _ = datasets.read_dataset(
+            FLAGS.dataset, FLAGS.data_dir, FLAGS.eval_split, list_file=FLAGS.eval_list_file,
+            num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
+        config = segmenter.SegConfig(
+            backbone=FLAGS.backbone, head=FLAGS.head, width=FLAGS.width,
+            input_mode=FLAGS.input_mode, init=FLAGS.init, learning_rate=FLAGS.learning_rate,
+            lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
+            lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
+            weight_decay=FLAGS.weight_decay, iter_size=FLAGS.iter_size,
+            class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
+            jit_compile=FLAGS.jit_compile, bn_recompute_batches=FLAGS.bn_recompute_batches)
+        # Where bin/evaluate.py finds the evaluation data by default.
+        data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),
+                "split": FLAGS.eval_split, "num_classes": FLAGS.num_classes,
+                "ignore_label": FLAGS.ignore_label,
+                "list_file": (os.path.abspath(FLAGS.eval_list_file)
+                              if FLAGS.eval_list_file else None)}
+        summary = segmenter.run_segmentation(
+            FLAGS.workdir, train_pairs, val_pairs, info, flagdefs.input_config_from_flags(),
+            config, flagdefs.loop_config_from_flags(),
+            evaluation.InferenceConfig(scales=tuple(float(x) for x in FLAGS.eval_scales),
+                                       window=FLAGS.eval_window, stride=FLAGS.eval_stride),
+            data=data)
+    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
+            ConfigError) as e:
+        flagdefs.fail(str(e))
+    print(f"segmentation done: {summary['steps']} steps in {summary['seconds']:.1f}s; "
+          f"{FLAGS.eval_split} mIoU {100 * summary['eval']['miou']:.2f} "
+          f"({summary['eval']['num_images']} images); model: {summary['model_weights']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
