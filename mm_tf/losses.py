@@ -7,9 +7,15 @@ The mean runs over the valid triplets only (masked rows of `mm_tf.match` are lef
 out). The release's Caffe TripletLoss layer divides the sum by 2N instead of N; its
 gradients are therefore half of these (a learning-rate factor, not a different loss).
 Every distance is computed in float32, whatever the embedding dtype.
+
+Pixel cross-entropy of segmentation fine-tuning: per-pixel terms with the ignore label
+excluded from both the sum and the count, reduced explicitly (0, not NaN, when a batch
+has no labelled pixel).
 """
 
 import tensorflow as tf
+
+from mm_tf import common
 
 # ----- Triplet ranking loss of the match step -----
 
@@ -80,3 +86,41 @@ def triplet_loss(embeddings, indices, mask, margin=MARGIN):
         "d_ap": tf.reduce_sum(terms["d_ap"]) / count,
         "d_an": tf.reduce_sum(terms["d_an"]) / count,
     }
+
+
+# --------------------------------------------------------------------------------------
+# Segmentation: pixel cross-entropy that never sees the ignore label.
+# --------------------------------------------------------------------------------------
+
+def pixel_cross_entropy(logits, labels, ignore_label=common.IGNORE_LABEL, class_weights=None):
+    """Softmax cross-entropy per pixel.
+
+    Args:
+      logits: [..., K] (any float dtype; cast to float32 first).
+      labels: int [...], class ids in [0, K) or `ignore_label`.
+      ignore_label: label value that contributes nothing (loss 0, not counted).
+      class_weights: optional float [K]; each pixel's term is multiplied by the weight
+        of its class (the count `num_valid` is not weighted, as in SegNet's Caffe loss).
+
+    Returns:
+      (per_pixel float32 [...], 0 at ignore pixels; num_valid float32 scalar, the number
+      of non-ignore pixels). The loss is `reduce_sum(per_pixel) / num_valid`, see
+      `mean_cross_entropy`.
+    """
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.not_equal(labels, ignore_label)
+    # Ignore pixels get a harmless class id so the op neither fails nor yields NaN
+    # gradients there; their terms are then zeroed.
+    safe = tf.where(valid, labels, tf.zeros_like(labels))
+    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
+    if class_weights is not None:
+        per_pixel = per_pixel * tf.gather(tf.cast(class_weights, tf.float32), safe)
+    per_pixel = tf.where(valid, per_pixel, tf.zeros_like(per_pixel))
+    return per_pixel, tf.reduce_sum(tf.cast(valid, tf.float32))
+
+
+def mean_cross_entropy(per_pixel, num_valid):
+    """per_pixel float32 [...], num_valid scalar -> float32 scalar sum / num_valid (0 if
+    no pixel is valid, never NaN)."""
+    return tf.math.divide_no_nan(tf.reduce_sum(per_pixel), num_valid)

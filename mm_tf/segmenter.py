@@ -47,6 +47,8 @@ import tensorflow as tf
 
 from mm_tf import common
 from mm_tf import evaluation
+from mm_tf import files
+from mm_tf import losses
 from mm_tf import summaries
 from mm_tf import training
 from mm_tf.data import datasets
@@ -79,40 +81,6 @@ _BN_SEED_OFFSET = 7919
 # ----------------------------------------------------------------------------------------
 # Losses and class weights.
 # ----------------------------------------------------------------------------------------
-
-def pixel_cross_entropy(logits, labels, ignore_label=common.IGNORE_LABEL, class_weights=None):
-    """Softmax cross-entropy per pixel.
-
-    Args:
-      logits: [..., K] (any float dtype; cast to float32 first).
-      labels: int [...], class ids in [0, K) or `ignore_label`.
-      ignore_label: label value that contributes nothing (loss 0, not counted).
-      class_weights: optional float [K]; each pixel's term is multiplied by the weight
-        of its class (the count `num_valid` is not weighted, as in SegNet's Caffe loss).
-
-    Returns:
-      (per_pixel float32 [...], 0 at ignore pixels; num_valid float32 scalar, the number
-      of non-ignore pixels). The loss is `reduce_sum(per_pixel) / num_valid`, see
-      `mean_cross_entropy`.
-    """
-    logits = tf.cast(logits, tf.float32)
-    labels = tf.cast(labels, tf.int32)
-    valid = tf.not_equal(labels, ignore_label)
-    # Ignore pixels get a harmless class id so the op neither fails nor yields NaN
-    # gradients there; their terms are then zeroed.
-    safe = tf.where(valid, labels, tf.zeros_like(labels))
-    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
-    if class_weights is not None:
-        per_pixel = per_pixel * tf.gather(tf.cast(class_weights, tf.float32), safe)
-    per_pixel = tf.where(valid, per_pixel, tf.zeros_like(per_pixel))
-    return per_pixel, tf.reduce_sum(tf.cast(valid, tf.float32))
-
-
-def mean_cross_entropy(per_pixel, num_valid):
-    """per_pixel float32 [...], num_valid scalar -> float32 scalar sum / num_valid (0 if
-    no pixel is valid, never NaN)."""
-    return tf.math.divide_no_nan(tf.reduce_sum(per_pixel), num_valid)
-
 
 def median_frequency_weights(pixels_per_class) -> np.ndarray:
     """Median frequency balancing: pixels_per_class int [K] -> float32 [K] weights.
@@ -274,8 +242,9 @@ class Segmenter(keras.Model):
         """logits [...,K] (float32), targets [...] -> dict(cross_entropy scalar, per_pixel
         [...], num_valid scalar), this replica's, not yet scaled for replicas."""
         weights = None if self.class_weights is None else tf.constant(self.class_weights)
-        per_pixel, num_valid = pixel_cross_entropy(logits, targets, self.ignore_label, weights)
-        return {"cross_entropy": mean_cross_entropy(per_pixel, num_valid),
+        per_pixel, num_valid = losses.pixel_cross_entropy(logits, targets, self.ignore_label,
+                                                          weights)
+        return {"cross_entropy": losses.mean_cross_entropy(per_pixel, num_valid),
                 "per_pixel": per_pixel, "num_valid": num_valid}
 
     def train_step(self, data):
@@ -482,7 +451,7 @@ def _class_weights(workdir, train_pairs, info, config: SegConfig, input_config):
         raise ConfigError(f"--class_weighting: the training labels have errors, e.g. "
                           f"{report['errors'][0]} (run bin/check_dataset.py)")
     weights = median_frequency_weights(report["pixels_per_class"]).tolist()
-    training.write_json_atomic(cache, {"pixels_per_class": report["pixels_per_class"],
+    files.write_json_atomic(cache, {"pixels_per_class": report["pixels_per_class"],
                                        "weights": weights})
     return weights
 
@@ -596,7 +565,7 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
     weights_path = os.path.join(workdir, MODEL_WEIGHTS)
     config_path = os.path.join(workdir, MODEL_CONFIG)
     save_network_weights(network, weights_path)
-    training.write_json_atomic(config_path,
+    files.write_json_atomic(config_path,
                                model_config_dict(config, info, data, eval_config))
     summary = {
         "stage": "segmentation",
@@ -614,5 +583,5 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
                    "inference": dataclasses.asdict(eval_config), "dataset": info.name,
                    "class_weights": class_weights},
     }
-    training.write_json_atomic(summary_path, summary)
+    files.write_json_atomic(summary_path, summary)
     return summary

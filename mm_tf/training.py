@@ -20,7 +20,6 @@ import keras
 import tensorflow as tf
 
 from mm_tf.errors import ConfigError
-from mm_tf.files import write_json_atomic  # noqa: F401  (re-exported for callers)
 
 
 class TrainingDivergedError(RuntimeError):

@@ -1,4 +1,4 @@
-"""The segmenter: pixel cross-entropy and median-frequency weights by hand, gradient
+"""The segmenter: median-frequency weights by hand, gradient
 accumulation equal to one big-batch step, a seeded fine-tune on the demo data that beats
 the majority-class baseline, resume, and the saved model reloading to the same scores."""
 
@@ -25,52 +25,6 @@ from mm_tf.models import weights as weights_lib
 
 IGNORE = common.IGNORE_LABEL
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-# ----------------------------------------------------------------------------------------
-# Loss and class weights.
-# ----------------------------------------------------------------------------------------
-
-def test_pixel_cross_entropy_by_hand_excludes_ignore_pixels():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 2, 3, 4)).astype(np.float32)
-    labels = np.array([[[0, 1, IGNORE], [3, 2, 1]], [[IGNORE, IGNORE, 0], [2, 3, 3]]])
-    per_pixel, num_valid = seg.pixel_cross_entropy(tf.constant(logits, tf.float16), labels)
-    assert per_pixel.dtype == tf.float32 and per_pixel.shape == (2, 2, 3)
-    logp = _log_softmax(logits.astype(np.float16).astype(np.float64))
-    valid = labels != IGNORE
-    expected = np.where(valid, -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None],
-                                                   -1)[..., 0], 0.0)
-    np.testing.assert_allclose(per_pixel.numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert float(num_valid) == valid.sum() == 9
-    np.testing.assert_allclose(float(seg.mean_cross_entropy(per_pixel, num_valid)),
-                               expected.sum() / 9, rtol=1e-5)
-
-
-def test_all_ignore_batch_gives_zero_loss_and_finite_gradients():
-    logits = tf.Variable(tf.random.normal([2, 4, 4, 3]))
-    labels = tf.fill([2, 4, 4], IGNORE)
-    with tf.GradientTape() as tape:
-        per_pixel, num_valid = seg.pixel_cross_entropy(logits, labels)
-        loss = seg.mean_cross_entropy(per_pixel, num_valid)
-    grad = tape.gradient(loss, logits)
-    assert float(loss) == 0.0 and float(num_valid) == 0.0
-    assert np.all(np.isfinite(grad.numpy())) and np.all(grad.numpy() == 0)
-
-
-def test_class_weights_scale_each_pixel_by_its_class():
-    logits = tf.constant(np.random.default_rng(1).normal(size=(1, 5, 3)), tf.float32)
-    labels = tf.constant([[0, 1, 2, IGNORE, 1]])
-    plain, count = seg.pixel_cross_entropy(logits, labels)
-    weighted, count_w = seg.pixel_cross_entropy(logits, labels, class_weights=[2.0, 0.5, 0.0])
-    np.testing.assert_allclose(weighted.numpy(),
-                               plain.numpy() * np.array([[2.0, 0.5, 0.0, 0.0, 0.5]]), rtol=1e-6)
-    assert float(count) == float(count_w) == 4  # The count is not weighted.
 
 
 def test_median_frequency_weights_by_hand():

@@ -1,7 +1,6 @@
 """The shared training loop: resume after a stop, NaN guard keeps the last good
 checkpoint, schedules are validated with flag names, coupled weight decay by hand."""
 
-import json
 import os
 
 import keras
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mm_tf import files
 from mm_tf import training
 from mm_tf.errors import ConfigError
 
@@ -132,10 +130,3 @@ def test_sgd_step_schedule():
         opt.iterations.assign(step)
         rates.append(float(opt.learning_rate))
     np.testing.assert_allclose(rates, [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001], rtol=1e-5)
-
-
-def test_write_json_atomic(tmp_path):
-    path = tmp_path / "sub" / "summary.json"
-    files.write_json_atomic(str(path), {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in path.parent.iterdir()] == ["summary.json"]

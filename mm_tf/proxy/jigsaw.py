@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from mm_tf import common
+from mm_tf import files
 from mm_tf import training
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
@@ -433,5 +434,5 @@ def run_jigsaw(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                    "input": dataclasses.asdict(input_config),
                    "loop": dataclasses.asdict(loop), "dataset": info.name},
     }
-    training.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
