@@ -1,0 +1,55 @@
+"""Runs arms of an M&M experiment end to end and writes report.json / report.md.
+
+Each arm is `init[+mm[_mode]]` (random, colorization, jigsaw, imagenet; +mm = the
+paper's graph, +mm_random = random triplets, +mm_semihard). Stages that arms share run
+once; finished stages are skipped on a rerun, so a killed pipeline continues.
+
+  python bin/pipeline.py --flagfile=flags/demo.flags --workdir=work/demo/pipeline
+  python bin/pipeline.py --flagfile=flags/camvid_cpu.flags --workdir=work/camvid_cpu
+"""
+
+import os
+
+import flagdefs
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("arms", ["random", "random+mm", "random+mm_random"], "Arms to run.")
+flags.DEFINE_string("workdir", None, "Pipeline folder (stages, logs, reports).")
+flags.DEFINE_string("mm_flagfile", "flags/demo_mm.flags", "Settings of the M&M stages.")
+flags.DEFINE_string("seg_flagfile", "flags/demo_seg.flags", "Settings of fine-tuning.")
+flags.DEFINE_string("colorization_flagfile", None, "Settings of colorization pre-training.")
+flags.DEFINE_string("jigsaw_flagfile", None, "Settings of jigsaw pre-training.")
+flags.DEFINE_string("imagenet_weights", None, "Backbone weights for the imagenet arm.")
+flags.DEFINE_multi_string("stage_arg", [], "Extra argument for every stage (repeatable), "
+                          "e.g. --stage_arg=--data_dir=/data/camvid.")
+flags.DEFINE_multi_string("overlay", [], "Flagfile appended to every stage (repeatable), "
+                          "e.g. --overlay=flags/smoke.flags.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+    del argv
+    from mm_tf import experiment  # pylint: disable=import-outside-toplevel
+    from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+    proxies = {name: path for name, path in (("colorization", FLAGS.colorization_flagfile),
+                                             ("jigsaw", FLAGS.jigsaw_flagfile)) if path}
+    config = experiment.PipelineConfig(
+        arms=tuple(FLAGS.arms), workdir=FLAGS.workdir, mm_flagfile=FLAGS.mm_flagfile,
+        seg_flagfile=FLAGS.seg_flagfile, proxy_flagfiles=proxies,
+        imagenet_weights=FLAGS.imagenet_weights, stage_args=tuple(FLAGS.stage_arg),
+        overlays=tuple(FLAGS.overlay), repo_root=str(flagdefs.REPO_ROOT))
+    try:
+        report = experiment.run(config)
+    except (ConfigError, experiment.PipelineError) as e:
+        flagdefs.fail(str(e))
+    workdir = os.path.abspath(FLAGS.workdir)
+    for name, arm in report["arms"].items():
+        print(f"{name:>24s}: mIoU {100 * arm['miou']:.1f}%  ({arm['seconds']:.0f}s)")
+    print(f"report: {os.path.join(workdir, 'report.md')} (and report.json)")
+
+
+if __name__ == "__main__":
+    app.run(main)

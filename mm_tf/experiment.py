@@ -1,0 +1,267 @@
+"""Arms and stages of an M&M experiment, run resumably.
+
+An arm is a named chain `init[+mm[_mode]]`, e.g. `random`, `random+mm`,
+`random+mm_random`, `colorization+mm`: an initialisation (random, a proxy task trained
+here, or ImageNet weights given by path), an optional M&M stage with a triplet mode,
+then segmentation fine-tuning and evaluation. Arms share the stages they have in common
+(the colorization pre-training of `colorization` and `colorization+mm` runs once).
+
+Each stage is one run of a repo binary in its own process (memory is returned between
+stages, and each binary keeps its own checkpoints), with its output in its own folder.
+A stage whose output file exists is skipped, so a killed pipeline rerun with the same
+command continues where it stopped; a stage killed midway resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from mm_tf import files
+from mm_tf.errors import ConfigError
+
+INITS = ("random", "colorization", "jigsaw", "imagenet")
+# Arm suffix -> bin/train_mm.py --triplet_mode.
+MM_MODES = {"mm": "graph", "mm_random": "random", "mm_semihard": "graph_semihard"}
+PROXY_BINARIES = {"colorization": "bin/pretrain_colorization.py",
+                  "jigsaw": "bin/pretrain_jigsaw.py"}
+# Inits whose networks take another input than the flagfiles' default RGB.
+INIT_INPUT_MODES = {"colorization": "grey"}
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names the stage and its log file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm: `init` (random|colorization|jigsaw|imagenet) and an optional M&M mode."""
+
+    name: str
+    init: str
+    mm_mode: Optional[str] = None
+
+
+def parse_arm(name: str) -> Arm:
+    """'random+mm_random' -> Arm('random+mm_random', 'random', 'random')."""
+    init, _, suffix = name.partition("+")
+    if init not in INITS:
+        raise ConfigError(f"--arms: {name!r} starts with {init!r}; expected one of {INITS}")
+    if suffix and suffix not in MM_MODES:
+        raise ConfigError(f"--arms: {name!r} ends with {suffix!r}; expected one of "
+                          f"{tuple(MM_MODES)} after '+'")
+    return Arm(name, init, MM_MODES[suffix] if suffix else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What to run and with which settings.
+
+    Args:
+      arms: arm names (see module docstring).
+      workdir: the pipeline's folder; every stage writes below it.
+      mm_flagfile / seg_flagfile: settings of the M&M and fine-tuning stages.
+      proxy_flagfiles: init name -> flagfile of its proxy pre-training (colorization,
+        jigsaw).
+      imagenet_weights: backbone weights for the `imagenet` init (a path; nothing
+        downloads).
+      stage_args: extra arguments for every stage (e.g. --data_dir=...).
+      overlays: flagfiles appended to every stage (e.g. flags/smoke.flags); flags a stage
+        does not define are ignored by it (absl --undefok).
+      python: interpreter that runs the stage binaries.
+      repo_root: folder holding bin/.
+    """
+
+    arms: tuple
+    workdir: str
+    mm_flagfile: str
+    seg_flagfile: str
+    proxy_flagfiles: dict = dataclasses.field(default_factory=dict)
+    imagenet_weights: Optional[str] = None
+    stage_args: tuple = ()
+    overlays: tuple = ()
+    python: str = sys.executable
+    repo_root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One resumable step: run `command` in `workdir`; done when `output` exists."""
+
+    key: str
+    kind: str  # proxy | mm | seg | eval
+    workdir: str
+    command: tuple
+    output: str
+
+
+def _flag_names(flagfile: str) -> list:
+    """Names of the flags a flagfile sets (for --undefok)."""
+    names = []
+    with open(flagfile) as f:
+        for line in f:
+            match = re.match(r"\s*--(?:no)?([A-Za-z0-9_]+)", line)
+            if match and match.group(1) != "flagfile":
+                names.append(match.group(1))
+    return names
+
+
+def _overlay_args(config: PipelineConfig) -> list:
+    args, names = [], []
+    for overlay in config.overlays:
+        _require_file(config, overlay, "--overlay")
+        path = os.path.join(config.repo_root, overlay)
+        args.append(f"--flagfile={path}")
+        names += _flag_names(path)
+    if names:
+        args.append("--undefok=" + ",".join(sorted(set(names))))
+    return args
+
+
+def _require_file(config: PipelineConfig, path: str, flag: str) -> None:
+    """Raises ConfigError naming `flag` when `path` (relative to the repo) is no file."""
+    if not os.path.isfile(os.path.join(config.repo_root, path)):
+        raise ConfigError(f"{flag}={path}: file not found")
+
+
+def plan(config: PipelineConfig):
+    """Config -> (stages in run order without duplicates, {arm name: {kind: stage key}})."""
+    arms = [parse_arm(a) for a in config.arms]
+    if not arms:
+        raise ConfigError("--arms is empty")
+    _require_file(config, config.mm_flagfile, "--mm_flagfile")
+    _require_file(config, config.seg_flagfile, "--seg_flagfile")
+    extra = list(config.stage_args) + _overlay_args(config)
+    root = os.path.abspath(config.workdir)
+    stages, by_key, arm_stages = [], {}, {}
+
+    def add(stage):
+        if stage.key not in by_key:
+            by_key[stage.key] = stage
+            stages.append(stage)
+        return stage.key
+
+    for arm in arms:
+        keys = {}
+        init_weights = "random"
+        if arm.init in PROXY_BINARIES:
+            flagfile = config.proxy_flagfiles.get(arm.init)
+            if not flagfile:
+                raise ConfigError(f"arm {arm.name!r} needs --{arm.init}_flagfile")
+            _require_file(config, flagfile, f"--{arm.init}_flagfile")
+            folder = os.path.join(root, "proxy", arm.init)
+            keys["proxy"] = add(Stage(
+                f"proxy/{arm.init}", "proxy", folder,
+                (PROXY_BINARIES[arm.init], f"--flagfile={flagfile}", f"--workdir={folder}",
+                 *extra), os.path.join(folder, "summary.json")))
+            init_weights = os.path.join(folder, "backbone.weights.h5")
+        elif arm.init == "imagenet":
+            if not config.imagenet_weights:
+                raise ConfigError(f"arm {arm.name!r} needs --imagenet_weights (a path)")
+            init_weights = os.path.abspath(config.imagenet_weights)
+        chain = arm.init
+        seg_init = init_weights
+        mode_args = ((f"--input_mode={INIT_INPUT_MODES[arm.init]}",)
+                     if arm.init in INIT_INPUT_MODES else ())
+        if arm.mm_mode:
+            chain = f"{arm.init}+mm_{arm.mm_mode}"
+            folder = os.path.join(root, "mm", f"{arm.init}_{arm.mm_mode}")
+            keys["mm"] = add(Stage(
+                f"mm/{arm.init}_{arm.mm_mode}", "mm", folder,
+                ("bin/train_mm.py", f"--flagfile={config.mm_flagfile}",
+                 f"--init={init_weights}", f"--triplet_mode={arm.mm_mode}", *mode_args,
+                 f"--workdir={folder}", *extra), os.path.join(folder, "summary.json")))
+            seg_init = os.path.join(folder, "backbone.weights.h5")
+        seg_dir = os.path.join(root, "seg", chain)
+        keys["seg"] = add(Stage(
+            f"seg/{chain}", "seg", seg_dir,
+            ("bin/train_seg.py", f"--flagfile={config.seg_flagfile}", f"--init={seg_init}",
+             *mode_args, f"--workdir={seg_dir}", *extra), os.path.join(seg_dir, "summary.json")))
+        keys["eval"] = add(Stage(
+            f"eval/{chain}", "eval", seg_dir,
+            ("bin/evaluate.py", f"--workdir={seg_dir}", "--json"),
+            os.path.join(seg_dir, "eval.json")))
+        arm_stages[arm.name] = keys
+    return stages, arm_stages
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _stage_seconds(stage: Stage) -> Optional[float]:
+    """Wall seconds a finished stage took (recorded beside its output)."""
+    record = os.path.join(stage.workdir, f".{stage.kind}_stage.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            return float(json.load(f)["seconds"])
+    return None
+
+
+def _run_stage(stage: Stage, config: PipelineConfig) -> float:
+    """Runs one stage's binary, logging to workdir/logs; returns its wall seconds."""
+    os.makedirs(stage.workdir, exist_ok=True)
+    log_dir = os.path.join(os.path.abspath(config.workdir), "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, stage.key.replace("/", "_").replace("+", "_") + ".log")
+    started = time.time()
+    with open(log_path, "a") as log:
+        result = subprocess.run([config.python, *stage.command], cwd=config.repo_root,
+                                stdout=subprocess.PIPE if stage.kind == "eval" else log,
+                                stderr=log, text=True, check=False,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if result.returncode:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-8:])
+        raise PipelineError(f"stage {stage.key} failed (exit {result.returncode}); "
+                            f"log: {log_path}\n{tail}")
+    if stage.kind == "eval":
+        scores = json.loads(result.stdout.strip().splitlines()[-1])
+        files.write_json_atomic(stage.output, scores)
+    seconds = time.time() - started
+    files.write_json_atomic(os.path.join(stage.workdir, f".{stage.kind}_stage.json"),
+                {"seconds": seconds, "command": list(stage.command)})
+    return seconds
+
+
+def run(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
+    """Runs every stage not yet done, then writes report.json and report.md; returns the
+    report dict. Raises PipelineError when a stage fails (finished stages stay done)."""
+    from mm_tf import report as report_lib  # pylint: disable=import-outside-toplevel
+
+    stages, arm_stages = plan(config)
+    seconds = {s.key: _stage_seconds(s) for s in stages if os.path.isfile(s.output)}
+    started = time.time()
+    for index, stage in enumerate(stages, 1):
+        prefix = f"[{index}/{len(stages)}] {stage.key}"
+        if os.path.isfile(stage.output):
+            log(f"{prefix}: done already, skipped")
+            continue
+        log(f"{prefix}: running (elapsed {_format_seconds(time.time() - started)}"
+            f"{_eta(stages[index - 1:], seconds)})")
+        seconds[stage.key] = _run_stage(stage, config)
+        log(f"{prefix}: finished in {_format_seconds(seconds[stage.key])}")
+    report = report_lib.build_report(config, arm_stages, {s.key: s for s in stages}, seconds)
+    report_lib.write_reports(report, os.path.abspath(config.workdir))
+    return report
+
+
+def _eta(remaining: Sequence[Stage], seconds: dict) -> str:
+    """', ETA ~Xm' from the mean seconds of finished stages of the same kind."""
+    known = {}
+    for key, value in seconds.items():
+        if value is not None:
+            known.setdefault(key.split("/")[0], []).append(value)
+    if not known:
+        return ""
+    overall = sum(sum(v) for v in known.values()) / sum(len(v) for v in known.values())
+    total = sum(sum(known[s.kind]) / len(known[s.kind]) if s.kind in known else overall
+                for s in remaining)
+    return f", ETA ~{_format_seconds(total)}"
