@@ -31,8 +31,10 @@ INITS = ("random", "colorization", "jigsaw", "imagenet")
 MM_MODES = {"mm": "graph", "mm_random": "random", "mm_semihard": "graph_semihard"}
 PROXY_BINARIES = {"colorization": "bin/pretrain_colorization.py",
                   "jigsaw": "bin/pretrain_jigsaw.py"}
-# Inits whose networks take another input than the flagfiles' default RGB.
-INIT_INPUT_MODES = {"colorization": "grey"}
+# Flags that define the network a proxy task trains; later stages of its arms must match.
+NETWORK_FLAGS = ("backbone", "width", "input_mode")
+# keras.applications.VGG16 converted by bin/convert_keras_vgg16.py.
+IMAGENET_NETWORK = ("--backbone=vgg16", "--width=1.0", "--input_mode=rgb")
 
 
 class PipelineError(RuntimeError):
@@ -112,6 +114,27 @@ def _flag_names(flagfile: str) -> list:
     return names
 
 
+def _flagfile_values(flagfile: str, repo_root: str) -> dict:
+    """{flag: value} set by a flagfile, following nested --flagfile lines (later wins)."""
+    values = {}
+    with open(os.path.join(repo_root, flagfile)) as f:
+        for line in f:
+            match = re.match(r"\s*--([A-Za-z0-9_]+)=(\S+)", line)
+            if not match:
+                continue
+            if match.group(1) == "flagfile":
+                values.update(_flagfile_values(match.group(2), repo_root))
+            else:
+                values[match.group(1)] = match.group(2)
+    return values
+
+
+def _network_args(flagfile: str, repo_root: str) -> tuple:
+    """The --backbone/--width/--input_mode a proxy flagfile trains, as stage arguments."""
+    values = _flagfile_values(flagfile, repo_root)
+    return tuple(f"--{name}={values[name]}" for name in NETWORK_FLAGS if name in values)
+
+
 def _overlay_args(config: PipelineConfig) -> list:
     args, names = [], []
     for overlay in config.overlays:
@@ -150,6 +173,7 @@ def plan(config: PipelineConfig):
     for arm in arms:
         keys = {}
         init_weights = "random"
+        network_args = ()
         if arm.init in PROXY_BINARIES:
             flagfile = config.proxy_flagfiles.get(arm.init)
             if not flagfile:
@@ -161,28 +185,28 @@ def plan(config: PipelineConfig):
                 (PROXY_BINARIES[arm.init], f"--flagfile={flagfile}", f"--workdir={folder}",
                  *extra), os.path.join(folder, "summary.json")))
             init_weights = os.path.join(folder, "backbone.weights.h5")
+            network_args = _network_args(flagfile, config.repo_root)
         elif arm.init == "imagenet":
             if not config.imagenet_weights:
                 raise ConfigError(f"arm {arm.name!r} needs --imagenet_weights (a path)")
             init_weights = os.path.abspath(config.imagenet_weights)
+            network_args = IMAGENET_NETWORK
         chain = arm.init
         seg_init = init_weights
-        mode_args = ((f"--input_mode={INIT_INPUT_MODES[arm.init]}",)
-                     if arm.init in INIT_INPUT_MODES else ())
         if arm.mm_mode:
             chain = f"{arm.init}+mm_{arm.mm_mode}"
             folder = os.path.join(root, "mm", f"{arm.init}_{arm.mm_mode}")
             keys["mm"] = add(Stage(
                 f"mm/{arm.init}_{arm.mm_mode}", "mm", folder,
                 ("bin/train_mm.py", f"--flagfile={config.mm_flagfile}",
-                 f"--init={init_weights}", f"--triplet_mode={arm.mm_mode}", *mode_args,
+                 f"--init={init_weights}", f"--triplet_mode={arm.mm_mode}", *network_args,
                  f"--workdir={folder}", *extra), os.path.join(folder, "summary.json")))
             seg_init = os.path.join(folder, "backbone.weights.h5")
         seg_dir = os.path.join(root, "seg", chain)
         keys["seg"] = add(Stage(
             f"seg/{chain}", "seg", seg_dir,
             ("bin/train_seg.py", f"--flagfile={config.seg_flagfile}", f"--init={seg_init}",
-             *mode_args, f"--workdir={seg_dir}", *extra), os.path.join(seg_dir, "summary.json")))
+             *network_args, f"--workdir={seg_dir}", *extra), os.path.join(seg_dir, "summary.json")))
         keys["eval"] = add(Stage(
             f"eval/{chain}", "eval", seg_dir,
             ("bin/evaluate.py", f"--workdir={seg_dir}", "--json"),

@@ -11,7 +11,8 @@ from mm_tf.errors import ConfigError
 
 
 def _config(tmp_path, arms, **kwargs):
-    kwargs.setdefault("proxy_flagfiles", {"colorization": "flags/demo_mm.flags"})
+    kwargs.setdefault("proxy_flagfiles", {"colorization": "flags/demo_colorization.flags",
+                                          "jigsaw": "flags/demo_jigsaw.flags"})
     return experiment.PipelineConfig(arms=tuple(arms), workdir=str(tmp_path),
                                      mm_flagfile="flags/demo_mm.flags",
                                      seg_flagfile="flags/demo_mm.flags", **kwargs)
@@ -45,7 +46,10 @@ def test_arms_share_common_stages(tmp_path):
     by_key = {s.key: s for s in stages}
     mm = by_key[arms["colorization+mm"]["mm"]]
     assert any(a.endswith("proxy/colorization/backbone.weights.h5") for a in mm.command)
-    assert "--input_mode=grey" in mm.command
+    assert "--input_mode=grey" in mm.command and "--backbone=vgg16" in mm.command
+    jigsaw_stages, jigsaw_arms = experiment.plan(_config(tmp_path, ["jigsaw+mm"]))
+    jigsaw_seg = {s.key: s for s in jigsaw_stages}[jigsaw_arms["jigsaw+mm"]["seg"]]
+    assert "--backbone=alexnet" in jigsaw_seg.command  # the proxy's network carries on
     seg = by_key[arms["random+mm"]["seg"]]
     assert any(a.endswith("mm/random_graph/backbone.weights.h5") for a in seg.command)
     assert "--init=random" in by_key[arms["random"]["seg"]].command
