@@ -88,3 +88,61 @@ def write_reports(report: dict, workdir: str) -> None:
     files.write_json_atomic(os.path.join(workdir, "report.json"), report)
     _bar_chart(report, os.path.join(workdir, "report_miou.png"))
     files.write_text_atomic(os.path.join(workdir, "report.md"), markdown(report))
+    # Figures from an earlier bin/figures.py run stay embedded when the report is rewritten.
+    embed_figures(workdir)
+
+
+# ----------------------------------------------------------------------------------------
+# Figures (bin/figures.py writes them into workdir/figures/).
+# ----------------------------------------------------------------------------------------
+
+FIGURES_DIR = "figures"
+# Known figures in report order, with their captions; other PNGs follow alphabetically.
+FIGURE_CAPTIONS = {
+    "tsne.png": "t-SNE of pool5 patch features (val patches from the mix step) before and "
+                "after M&M tuning, coloured by class",
+    "qualitative.png": "Validation images where the naive and M&M predictions differ most",
+    "gradcam.png": "Grad-CAM of the segmentation networks for one class",
+    "graph_size.png": "Graph-size study: val mIoU and seconds per M&M step vs nodes per "
+                      "graph",
+}
+_FIGURES_MARKER = "<!-- figures: written by mm_tf.report.embed_figures -->"
+
+
+def figure_names(workdir: str) -> list:
+    """PNG names in workdir/figures/, known figures first (FIGURE_CAPTIONS order)."""
+    folder = os.path.join(workdir, FIGURES_DIR)
+    if not os.path.isdir(folder):
+        return []
+    found = sorted(n for n in os.listdir(folder) if n.lower().endswith(".png"))
+    known = [n for n in FIGURE_CAPTIONS if n in found]
+    return known + [n for n in found if n not in FIGURE_CAPTIONS]
+
+
+def figures_markdown(workdir: str) -> str:
+    """A '## Figures' section embedding workdir/figures/*.png ('' if there is none)."""
+    names = figure_names(workdir)
+    if not names:
+        return ""
+    lines = ["## Figures", ""]
+    for name in names:
+        caption = FIGURE_CAPTIONS.get(name, os.path.splitext(name)[0].replace("_", " "))
+        lines += [f"{caption}:", "", f"![{caption}]({FIGURES_DIR}/{name})", ""]
+    return "\n".join(lines)
+
+
+def embed_figures(workdir: str) -> list:
+    """Appends (or replaces) the figures section of workdir/report.md; returns the
+    embedded PNG names. The section starts at a marker comment, so repeated calls and
+    reports rewritten by `write_reports` stay consistent."""
+    path = os.path.join(workdir, "report.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            text = f.read()
+    text = text.split(_FIGURES_MARKER)[0].rstrip("\n") + "\n"
+    section = figures_markdown(workdir)
+    if section:
+        text += "\n" + _FIGURES_MARKER + "\n" + section
+    files.write_text_atomic(path, text)
+    return figure_names(workdir)

@@ -127,3 +127,14 @@ def test_pipeline_binary_writes_reports_and_skips_finished_stages(tmp_path, smal
     assert again.stdout.count("done already, skipped") == 5
     assert ": running" not in again.stdout
     assert json.loads((tmp_path / "pipe" / "report.json").read_text())["arms"] == report["arms"]
+
+
+def test_rewritten_report_keeps_embedded_figures(tmp_path):
+    report = {"arms": {"random": {"miou": 0.3, "pixel_acc": 0.8, "seconds": 1.0,
+                                  "per_class_iou": {"sky": 0.5}}}, "config": {}}
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "tsne.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    report_lib.write_reports(report, str(tmp_path))
+    report_lib.write_reports(report, str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("](figures/tsne.png)") == 1 and "| `random` | 30.0 |" in text

@@ -1,0 +1,327 @@
+"""The figures of a bin/pipeline.py work folder, found from its report.json.
+
+`make_figures(workdir)` reads report.json, picks an M&M arm (default: the first
+`<init>+mm` arm, the paper's graph) and its naive twin `<init>`, and writes into
+workdir/figures/:
+
+  tsne.png          pool5 features of a fixed set of val patches (mix step, fixed seed,
+                    the M&M run's mix settings) before vs after M&M. "After" is the M&M
+                    stage's backbone.weights.h5; "before" is its init: the proxy /
+                    ImageNet weights file, or for a random init a Glorot backbone built
+                    after `keras.utils.set_random_seed(<the M&M run's --seed>)`. That
+                    is a draw from the same distribution, not bit-for-bit the run's
+                    starting point: bin/train_mm.py does not seed Keras' initialisers
+                    and keeps no step-0 checkpoint.
+  qualitative.png   image | ground truth | naive | M&M for the val images where the two
+                    arms' segmentation predictions differ most (each run's recorded
+                    test-time options).
+  gradcam.png       Grad-CAM (tf-keras-vis) of both segmentation networks for one class
+                    (default: the non-background class with most pixels in those images),
+                    scored over the pixels each network predicts as that class.
+  graph_size.png    only when the given reports hold M&M (graph) arms of at least two
+                    graph sizes; see `mm_tf.viz.figures` for how to run such a study.
+
+and the projector log dir workdir/projector/ (before_mm, after_mm; `mm_tf.viz.projector`),
+then embeds the PNGs in report.md (`mm_tf.report.embed_figures`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mm_tf import common
+from mm_tf import evaluation
+from mm_tf import files
+from mm_tf import mix as mix_lib
+from mm_tf import report as report_lib
+from mm_tf import segmenter
+from mm_tf.data import datasets
+from mm_tf.data import pipeline
+from mm_tf.errors import ConfigError
+from mm_tf.models import backbones
+from mm_tf.models import weights as weights_lib
+from mm_tf.viz import figures
+from mm_tf.viz import projector
+
+
+@dataclasses.dataclass(frozen=True)
+class FigureConfig:
+    """What `make_figures` draws.
+
+    Args:
+      mm_arm: the M&M arm to show (default: the first `<init>+mm` arm with a naive twin,
+        else any M&M arm with one).
+      max_images: val images predicted for the qualitative grid and Grad-CAM (0 = all).
+      rows: images in the qualitative grid and the Grad-CAM figure.
+      max_patches: patches in the t-SNE and the projector.
+      seed: seed of the patch sample and of t-SNE.
+      perplexity: t-SNE perplexity (capped for small samples).
+      gradcam_class: class name for Grad-CAM (default: see module docstring).
+      gradcam_layer: backbone layer of the Grad-CAM (default: the last ReLU before pool5).
+      projector: also write workdir/projector.
+      graph_workdirs: pipeline folders whose reports join this one in the graph-size
+        study.
+    """
+
+    mm_arm: Optional[str] = None
+    max_images: int = 0
+    rows: int = 4
+    max_patches: int = 600
+    seed: int = 0
+    perplexity: float = 30.0
+    gradcam_class: Optional[str] = None
+    gradcam_layer: Optional[str] = None
+    projector: bool = True
+    graph_workdirs: tuple = ()
+
+
+def read_report(workdir: str) -> dict:
+    """workdir/report.json, or ConfigError saying how to make it."""
+    path = os.path.join(workdir, "report.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: --workdir must be a finished bin/pipeline.py "
+                          "folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def pick_arms(report: dict, mm_arm: Optional[str] = None):
+    """(naive arm, M&M arm) names: `mm_arm` and its twin, else the first `<init>+mm` arm
+    whose naive twin ran, else the first M&M arm with a twin."""
+    arms = report["arms"]
+    with_mm = [name for name, arm in arms.items() if "mm" in arm["stages"]]
+    if mm_arm is not None:
+        if mm_arm not in with_mm:
+            raise ConfigError(f"--mm_arm={mm_arm}: not an M&M arm of this report "
+                              f"({with_mm or 'none'})")
+        candidates = [mm_arm]
+    else:
+        candidates = ([n for n in with_mm if n.endswith("+mm")]
+                      + [n for n in with_mm if not n.endswith("+mm")])
+    for name in candidates:
+        twin = report_lib.naive_twin(name)
+        if twin in arms:
+            return twin, name
+    raise ConfigError(f"no M&M arm with its naive twin among {sorted(arms)} (e.g. run the "
+                      "arms random and random+mm)")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def mm_summary(report: dict, arm: str) -> dict:
+    """summary.json of `arm`'s M&M stage."""
+    return _read_json(os.path.join(report["arms"][arm]["stages"]["mm"]["workdir"],
+                                   "summary.json"))
+
+
+def before_backbone(summary: dict) -> keras.Model:
+    """The M&M stage's starting backbone (see module docstring for a random init)."""
+    tune = summary["config"]["tune"]
+    if tune["init"] == "random":
+        keras.utils.set_random_seed(int(tune["seed"]))
+    backbone = backbones.build_backbone(tune["backbone"], tune["input_mode"],
+                                        float(tune["width"]))
+    if tune["init"] != "random":
+        weights_lib.load_backbone_weights(backbone, tune["init"])
+    return backbone
+
+
+def after_backbone(summary: dict) -> keras.Model:
+    """The M&M stage's tuned backbone (its backbone.weights.h5)."""
+    tune = summary["config"]["tune"]
+    backbone = backbones.build_backbone(tune["backbone"], tune["input_mode"],
+                                        float(tune["width"]))
+    weights_lib.load_backbone_weights(backbone, summary["backbone_weights"])
+    return backbone
+
+
+def graph_study_points(reports: Sequence[dict], triplet_mode: str = "graph") -> list:
+    """(nodes per graph, val mIoU, seconds per M&M step) of every arm of `reports` whose
+    M&M stage used `triplet_mode`. Seconds per step = the stage's training-loop seconds
+    (summary.json, tracing included) / the steps it ran."""
+    points = []
+    for report in reports:
+        for name, arm in report["arms"].items():
+            if "mm" not in arm["stages"]:
+                continue
+            summary = mm_summary(report, name)
+            if summary["config"]["tune"].get("triplet_mode") != triplet_mode:
+                continue
+            steps = max(1, int(summary["steps"]) - int(summary.get("resumed_from_step", 0)))
+            points.append((int(summary["graph_nodes"]), float(arm["miou"]),
+                           float(summary["seconds"]) / steps))
+    return points
+
+
+def _resolve(path: str, report: dict) -> str:
+    """A data path recorded by a stage (relative to the repo the pipeline ran in)."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(report.get("config", {}).get("repo_root", ""), path)
+
+
+def val_data(model_config: dict, report: dict):
+    """(pairs, info) of the split a seg run was evaluated on (its model_config.json)."""
+    data = model_config.get("data", {})
+    dataset = data.get("dataset") or model_config["dataset"]
+    list_file = data.get("list_file")
+    return datasets.read_dataset(
+        dataset, _resolve(data.get("data_dir"), report), data.get("split") or "val",
+        list_file=_resolve(list_file, report) if list_file else None,
+        num_classes=data.get("num_classes") if dataset == "list" else None,
+        ignore_label=data.get("ignore_label") if dataset == "list" else None)
+
+
+def _inference(model_config: dict) -> evaluation.InferenceConfig:
+    recorded = model_config.get("inference", {})
+    return evaluation.InferenceConfig(
+        flip=bool(recorded.get("flip", False)),
+        scales=tuple(recorded.get("scales", (1.0,))),
+        window=int(recorded.get("window", 0)), stride=int(recorded.get("stride", 0)))
+
+
+def _predict_all(network, model_config, batches) -> list:
+    """Argmax predictions [H,W] of every batch (one image each)."""
+    fn = tf.function(lambda x: tf.cast(network(x, training=False), tf.float32),
+                     reduce_retracing=True)
+    inference = _inference(model_config)
+    return [np.argmax(evaluation.predict_probabilities(
+        fn, batch[common.IMAGE], network.num_classes, inference)[0], axis=-1)
+        for batch in batches]
+
+
+def _gradcam_class(config: FigureConfig, info, truths) -> int:
+    if config.gradcam_class is not None:
+        if config.gradcam_class not in info.class_names:
+            raise ConfigError(f"--gradcam_class={config.gradcam_class}: expected one of "
+                              f"{list(info.class_names)}")
+        return info.class_names.index(config.gradcam_class)
+    counts = np.zeros(info.num_classes, np.int64)
+    for truth in truths:
+        values = np.asarray(truth).ravel()
+        counts += np.bincount(values[values < info.num_classes], minlength=info.num_classes)
+    if info.background_class is not None and counts.sum() > counts[info.background_class]:
+        counts[info.background_class] = -1
+    return int(np.argmax(counts))
+
+
+def make_figures(workdir: str, config: FigureConfig = FigureConfig(),
+                 log=print) -> dict:
+    """Writes the figures (and projector) of a pipeline work folder; returns a manifest
+    {figure name: path or the reason it was skipped, ...} also saved as
+    figures/figures.json."""
+    workdir = os.path.abspath(workdir)
+    report = read_report(workdir)
+    naive, mm = pick_arms(report, config.mm_arm)
+    out = os.path.join(workdir, report_lib.FIGURES_DIR)
+    os.makedirs(out, exist_ok=True)
+    manifest = {"naive_arm": naive, "mm_arm": mm}
+    log(f"figures of {workdir}: naive arm {naive!r} vs M&M arm {mm!r}")
+
+    summary = mm_summary(report, mm)
+    seg = {arm: report["arms"][arm]["stages"]["seg"]["workdir"] for arm in (naive, mm)}
+    networks = {arm: segmenter.load_trained_model(seg[arm]) for arm in (naive, mm)}
+    model_config = networks[mm][1]
+    pairs, info = val_data(model_config, report)
+    input_mode = model_config["input_mode"]
+
+    # t-SNE and projector: pool5 features of fixed val patches before / after M&M.
+    mix_config = mix_lib.MixConfig(**summary["config"]["mix"])
+    patch_set = projector.sample_patch_set(pairs, info, mix_config, input_mode,
+                                           seed=config.seed, max_patches=config.max_patches)
+    tuned = {"before_mm": before_backbone(summary), "after_mm": after_backbone(summary)}
+    features = {name: projector.pool5_embeddings(b, patch_set.patches)
+                for name, b in tuned.items()}
+    path = os.path.join(out, "tsne.png")
+    figures.tsne_figure([("before M&M (init)", features["before_mm"]),
+                         (f"after M&M ({mm})", features["after_mm"])], patch_set.labels,
+                        info.class_names, info.palette, path, seed=config.seed,
+                        perplexity=config.perplexity)
+    manifest.update(tsne=path, patches=len(patch_set), knn_accuracy={
+        name: figures.knn_accuracy(f, patch_set.labels) for name, f in features.items()})
+    log(f"  tsne.png: {len(patch_set)} patches")
+    if config.projector:
+        projector_dir = os.path.join(workdir, "projector")
+        projector.write_projector(projector_dir, features, patch_set.labels,
+                                  info.class_names, patch_set.thumbnails, patch_set.sources)
+        manifest["projector"] = projector_dir
+        log(f"  projector: tensorboard --logdir={projector_dir}")
+
+    # Qualitative grid: where the naive and M&M predictions differ most.
+    used = pairs[:config.max_images] if config.max_images else pairs
+    batches = list(pipeline.eval_dataset(used, info, pipeline.InputConfig(
+        input_mode=input_mode)))
+    predictions = {arm: _predict_all(networks[arm][0], networks[arm][1], batches)
+                   for arm in (naive, mm)}
+    truths = [batch[common.LABEL][0].numpy() for batch in batches]
+    chosen = figures.most_different(predictions[naive], predictions[mm], truths, config.rows)
+    rows = [{"image": batches[i][common.RAW_IMAGE][0].numpy(), "truth": truths[i],
+             "predictions": [predictions[naive][i], predictions[mm][i]],
+             "name": os.path.basename(used[i][0])} for i in chosen]
+    path = os.path.join(out, "qualitative.png")
+    figures.qualitative_figure(rows, info.class_names, info.palette, path,
+                               titles=("image", "ground truth", f"naive ({naive})",
+                                       f"M&M ({mm})"))
+    manifest.update(qualitative=path, qualitative_images=[row["name"] for row in rows])
+    log(f"  qualitative.png: {len(rows)} of {len(batches)} images")
+
+    # Grad-CAM of both segmentation networks on those images; each network's score is
+    # its mean logit of the class over the pixels it predicts as the class (the whole
+    # image when there is none).
+    class_index = _gradcam_class(config, info, [row["truth"] for row in rows])
+    layer = config.gradcam_layer or figures.gradcam_layer(networks[mm][0].backbone)
+    cams = []
+    for title, arm in (("naive", naive), ("M&M", mm)):
+        network = networks[arm][0]
+        model = figures.gradcam_model(network, with_region=True)
+        maps = []
+        for i in chosen:
+            region = predictions[arm][i] == class_index
+            if not region.any():
+                region = np.ones_like(region)
+            maps.append(figures.gradcam(network, batches[i][common.IMAGE], class_index,
+                                        layer=layer, region=region[None].astype(np.float32),
+                                        model=model)[0])
+        cams.append((title, maps))
+    path = os.path.join(out, "gradcam.png")
+    figures.gradcam_figure([row["image"] for row in rows], [row["truth"] for row in rows],
+                           cams, class_index, info.class_names, info.palette, path,
+                           layer=layer)
+    manifest.update(gradcam=path, gradcam_class=info.class_names[class_index],
+                    gradcam_layer=layer, gradcam_empty={
+                        title: int(sum(not np.asarray(m).any() for m in maps))
+                        for title, maps in cams})
+    log(f"  gradcam.png: class {info.class_names[class_index]!r} at {layer}")
+
+    # Graph-size study.
+    reports = [report] + [read_report(os.path.abspath(d)) for d in config.graph_workdirs
+                          if os.path.abspath(d) != workdir]
+    points = graph_study_points(reports)
+    manifest["graph_points"] = points
+    if len({nodes for nodes, _, _ in points}) >= 2:
+        path = os.path.join(out, "graph_size.png")
+        figures.graph_size_figure(points, path)
+        manifest["graph_size"] = path
+        log(f"  graph_size.png: {len(points)} M&M arms")
+    else:
+        manifest["graph_size"] = ("skipped: the reports hold M&M (graph) arms of "
+                                  f"{len({n for n, _, _ in points})} graph size(s); give "
+                                  "--graph_workdirs of pipelines run with other --batch_size")
+        stale = os.path.join(out, "graph_size.png")
+        if os.path.exists(stale):
+            os.remove(stale)
+        log(f"  graph_size.png: {manifest['graph_size']}")
+
+    files.write_json_atomic(os.path.join(out, "figures.json"), manifest)
+    manifest["embedded"] = report_lib.embed_figures(workdir)
+    return manifest
