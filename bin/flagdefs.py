@@ -36,7 +36,8 @@ def define_data_flags(split_default: str = "train") -> None:
 
 def define_input_flags() -> None:
     """Training input pipeline flags (defaults: the paper's M&M settings)."""
-    flags.DEFINE_integer("batch_size", 16, "Images per step (global).")
+    flags.DEFINE_integer("batch_size", 16, "Images per step, global: split among the "
+                         "replicas of --strategy (it must divide by their number).")
     flags.DEFINE_integer("crop_size", 512, "Square training crop.")
     flags.DEFINE_float("min_scale", 0.5, "Random scale lower bound.")
     flags.DEFINE_float("max_scale", 2.0, "Random scale upper bound.")
@@ -55,6 +56,31 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
     flags.DEFINE_integer("seed", 0, "Base seed of data order and stateless randomness.")
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
+
+
+def define_distribution_flags() -> None:
+    """Strategy, logical CPU devices and numeric precision (see docs/distributed.md)."""
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "default: one device. mirrored: one replica per local GPU (or per "
+                      "logical CPU device, --num_cpu_devices). multi_worker: replicas on "
+                      "every machine listed in the TF_CONFIG environment variable. "
+                      "--batch_size stays the global batch, split among the replicas.")
+    flags.DEFINE_integer("num_cpu_devices", 0,
+                         "With --strategy=mirrored on a machine without GPU: split the CPU "
+                         "into this many logical devices, one replica each (tests, "
+                         "benchmarks). 0 = one CPU device.")
+    flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                      "Keras dtype policy: layers compute in 16 bits with float32 "
+                      "variables; distances and losses stay float32. mixed_float16 adds "
+                      "dynamic loss scaling.")
+
+
+def strategy_from_flags():
+    """The flagged tf.distribute strategy. Call it first in main(): logical CPU devices
+    and the multi-worker runtime must be set up before TensorFlow runs any op.
+    Raises mm_tf.errors.ConfigError naming the flag."""
+    from mm_tf import distribute  # pylint: disable=import-outside-toplevel
+    return distribute.make_strategy(FLAGS.strategy, FLAGS.num_cpu_devices)
 
 
 def dataset_from_flags():

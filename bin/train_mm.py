@@ -4,9 +4,12 @@ graph, tune the backbone up to pool5 with the triplet loss.
 Defaults are the paper's/release's values. Examples:
   python bin/train_mm.py --flagfile=flags/demo_mm.flags --workdir=work/demo_mm
   python bin/train_mm.py --flagfile=flags/voc_vgg16_random_mm.flags --workdir=work/voc_mm
+  python bin/train_mm.py --flagfile=flags/voc_vgg16_random_mm_4gpu.flags \
+      --workdir=work/voc_mm_4gpu   # 4 GPUs, one 144-node graph over the global batch
 
 Outputs in --workdir: checkpoints/ (a rerun resumes), tensorboard/train,
-backbone.weights.h5 (for bin/train_seg.py --init) and summary.json.
+backbone.weights.h5 (for bin/train_seg.py --init) and summary.json. Many GPUs or
+machines: --strategy, --graph_scope, docs/distributed.md.
 """
 
 import flagdefs
@@ -18,6 +21,11 @@ FLAGS = flags.FLAGS
 flagdefs.define_data_flags()
 flagdefs.define_input_flags()
 flagdefs.define_loop_flags(steps=8000, log_every=20, checkpoint_every=200, image_every=500)
+flagdefs.define_distribution_flags()
+flags.DEFINE_enum("graph_scope", "global", ["global", "replica"],
+                  "global: one graph over the whole (global) batch, gathered across "
+                  "replicas; replica: one graph per replica's share of the batch. Equal "
+                  "on one device.")
 flags.DEFINE_enum("backbone", "vgg16", ["vgg16", "alexnet"], "Backbone network.")
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network).")
 flags.DEFINE_string("init", "random", "random, or a backbone weights file (.weights.h5/.npz).")
@@ -53,7 +61,9 @@ def main(argv):
     from mm_tf.models.weights import WeightsMismatchError
 
     try:
-        # Cheap checks first, so a wrong flag fails before any data is read.
+        # First: logical devices and the multi-worker runtime need an untouched TF.
+        strategy = flagdefs.strategy_from_flags()
+        # Cheap checks next, so a wrong flag fails before any data is read.
         loop = flagdefs.loop_config_from_flags()
         loop.validate()
         config = tuner.TuneConfig(
@@ -62,7 +72,8 @@ def main(argv):
             learning_rate=FLAGS.learning_rate,
             lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
             lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile)
+            weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile,
+            graph_scope=FLAGS.graph_scope, precision=FLAGS.precision)
         config.validate()
         pairs, info = flagdefs.dataset_from_flags()
         background = FLAGS.background_class
@@ -76,11 +87,12 @@ def main(argv):
             class_balanced=FLAGS.class_balanced)
         summary = tuner.run_tuning(FLAGS.workdir, pairs, info,
                                    flagdefs.input_config_from_flags(), mix_config, config,
-                                   loop)
+                                   loop, strategy=strategy)
     except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
             ConfigError) as e:
         flagdefs.fail(str(e))
-    print(f"M&M tuning done: {summary['steps']} steps in {summary['seconds']:.1f}s; "
+    print(f"M&M tuning done: {summary['steps']} steps in {summary['seconds']:.1f}s on "
+          f"{summary['num_replicas']} replica(s), {summary['graph_nodes']} nodes per graph; "
           f"backbone weights: {summary['backbone_weights']}")
 
 

@@ -8,7 +8,9 @@ or "random" for naive fine-tuning). Examples:
   python bin/train_seg.py --flagfile=flags/voc_vgg16_random_seg.flags --workdir=work/voc_seg
 
 Outputs in --workdir: checkpoints/ (a rerun resumes), tensorboard/{train,val},
-model.weights.h5 + model_config.json (for bin/evaluate.py) and summary.json.
+model.weights.h5 + model_config.json (for bin/evaluate.py) and summary.json. Many GPUs
+or machines: --strategy (--batch_size is then the global micro-batch), see
+docs/distributed.md.
 """
 
 import os
@@ -22,6 +24,7 @@ FLAGS = flags.FLAGS
 flagdefs.define_data_flags()
 flagdefs.define_input_flags()
 flagdefs.define_loop_flags(steps=40000, log_every=20, checkpoint_every=1000, image_every=1000)
+flagdefs.define_distribution_flags()
 # The release's segmentation data layer: batch 6, 512x512 crops, mirroring, no rescaling.
 FLAGS.set_default("batch_size", 6)
 FLAGS.set_default("crop_size", 512)
@@ -72,6 +75,8 @@ def main(argv):
     from mm_tf.models.weights import WeightsMismatchError
 
     try:
+        # First: logical devices and the multi-worker runtime need an untouched TF.
+        strategy = flagdefs.strategy_from_flags()
         train_pairs, info = flagdefs.dataset_from_flags()
         val_pairs, _ = datasets.read_dataset(
             FLAGS.dataset, FLAGS.data_dir, FLAGS.eval_split, list_file=FLAGS.eval_list_file,
@@ -83,7 +88,8 @@ def main(argv):
             lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
             weight_decay=FLAGS.weight_decay, iter_size=FLAGS.iter_size,
             class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
-            jit_compile=FLAGS.jit_compile, bn_recompute_batches=FLAGS.bn_recompute_batches)
+            jit_compile=FLAGS.jit_compile, bn_recompute_batches=FLAGS.bn_recompute_batches,
+            precision=FLAGS.precision)
         # Where bin/evaluate.py finds the evaluation data by default.
         data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),
                 "split": FLAGS.eval_split, "num_classes": FLAGS.num_classes,
@@ -95,7 +101,7 @@ def main(argv):
             config, flagdefs.loop_config_from_flags(),
             evaluation.InferenceConfig(scales=tuple(float(x) for x in FLAGS.eval_scales),
                                        window=FLAGS.eval_window, stride=FLAGS.eval_stride),
-            data=data)
+            data=data, strategy=strategy)
     except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
             ConfigError) as e:
         flagdefs.fail(str(e))

@@ -68,24 +68,35 @@ def triplet_terms(embeddings, indices, mask, margin=MARGIN):
     }
 
 
-def triplet_loss(embeddings, indices, mask, margin=MARGIN):
+def triplet_loss(embeddings, indices, mask, margin=MARGIN, anchors=None):
     """Masked-mean triplet loss of embeddings [N, ...], indices [N, 3], mask [N].
 
     Returns float32 scalars: loss (mean over valid triplets, 0 when there is none),
     active_fraction (share of valid triplets with a positive hinge), d_ap and d_an
     (mean distances over valid triplets).
+
+    anchors: optional (start, size) int scalars; then also `anchor_share`, the hinge terms
+    of the anchors in rows [start, start + size) summed and divided by the count of ALL
+    valid triplets. When replicas split a graph's anchors among them, their shares sum to
+    `loss` exactly, so each replica differentiates only its own share.
     """
     terms = triplet_terms(embeddings, indices, mask, margin)
     valid = tf.cast(mask, tf.float32)
     # max(count, 1): an all-masked batch gives 0, not 0/0.
     count = tf.maximum(tf.reduce_sum(valid), 1.0)
     active = tf.cast(terms["per_triplet"] > 0, tf.float32) * valid
-    return {
+    result = {
         "loss": tf.reduce_sum(terms["per_triplet"]) / count,
         "active_fraction": tf.reduce_sum(active) / count,
         "d_ap": tf.reduce_sum(terms["d_ap"]) / count,
         "d_an": tf.reduce_sum(terms["d_an"]) / count,
     }
+    if anchors is not None:
+        start, size = anchors
+        own = tf.slice(terms["per_triplet"], tf.reshape(tf.cast(start, tf.int32), [1]),
+                       tf.reshape(tf.cast(size, tf.int32), [1]))
+        result["anchor_share"] = tf.reduce_sum(own) / count
+    return result
 
 
 # --------------------------------------------------------------------------------------

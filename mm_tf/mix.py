@@ -320,8 +320,15 @@ def _draw_classes(present, source, draws, config):
     return tf.where(num_eligible > 0, classes, config.ignore_label)
 
 
-def sample_patches(images, labels, seed, config: MixConfig = MixConfig()) -> Patches:
-    """Mix: images [B,H,W,C], labels [B,H,W], seed int32 [2] -> Patches with N = B*K."""
+def sample_patches(images, labels, seed, config: MixConfig = MixConfig(),
+                   image_offset=0, total_images=None) -> Patches:
+    """Mix: images [B,H,W,C], labels [B,H,W], seed int32 [2] -> Patches with N = B*K.
+
+    Each image's random draws are row `image_offset + b` of one stream of
+    `total_images` (default B) rows for `seed`: a replica holding images
+    [offset, offset + B) of a global batch samples them exactly as one device holding
+    the whole batch would (int32 scalars; the defaults are the single-device case).
+    """
     images = tf.convert_to_tensor(images)
     if images.dtype != tf.float32:
         images = tf.cast(images, tf.float32)
@@ -349,8 +356,13 @@ def sample_patches(images, labels, seed, config: MixConfig = MixConfig()) -> Pat
                        tf.where(has_bg, _BACKGROUND, _FOREGROUND)], axis=1)  # [B, 2]
     source = tf.gather(source, lanes, axis=1)  # [B, M]
 
-    pixel_draw, side_draw, class_draw = tf.unstack(
-        _random_ints(seed, tf.stack([3, batch, num_candidates])))
+    if total_images is None:
+        draws = _random_ints(seed, tf.stack([3, batch, num_candidates]))
+    else:
+        draws = _random_ints(seed, tf.stack([3, total_images, num_candidates]))
+        draws = tf.slice(draws, tf.stack([0, image_offset, 0]),
+                         tf.stack([3, batch, num_candidates]))
+    pixel_draw, side_draw, class_draw = tf.unstack(draws)
     if config.class_balanced:
         keys = _draw_classes(present, source, class_draw, config)
 
@@ -414,11 +426,13 @@ class Mix(keras.layers.Layer):
         super().__init__(**kwargs)
         self.config = config if config is not None else MixConfig()
 
-    def call(self, images, labels, seed):
+    def call(self, images, labels, seed, image_offset=0, total_images=None):
         """images float32 [B,H,W,C], labels int [B,H,W], seed int32 [2] -> `Patches`
         (patches [N,S,S,C], labels [N], valid [N], boxes [N,4], image_index [N]),
-        N = B * patches_per_image, S = patch_size."""
-        return sample_patches(images, labels, seed, self.config)
+        N = B * patches_per_image, S = patch_size. `image_offset`, `total_images`: the
+        images' place in a global batch split among replicas (see `sample_patches`)."""
+        return sample_patches(images, labels, seed, self.config, image_offset=image_offset,
+                              total_images=total_images)
 
     def compute_output_shape(self, images_shape, labels_shape=None, seed_shape=None):
         """Shapes of the `Patches` fields for images of shape [B,H,W,C]."""

@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from mm_tf import common
+from mm_tf import distribute
 from mm_tf import evaluation
 from mm_tf import files
 from mm_tf import losses
@@ -125,7 +126,8 @@ class SegConfig:
         averaged). The data pipeline's batch_size is the micro-batch.
       class_weighting: "none" or "median_frequency" (weights from the training labels).
       seed: base seed of the stateless point sampling.
-      jit_compile: compile the train step with XLA.
+      jit_compile: compile the train step with XLA (under several replicas: each
+        replica's micro-batch step, see `Segmenter`).
       bn_recompute_batches: after training, replace every BN layer's moving statistics
         by their average over this many training batches ("precise BN"); 0 (the paper)
         keeps the moving averages. For short CPU runs: with Keras' momentum 0.99 the
@@ -149,9 +151,11 @@ class SegConfig:
     seed: int = 0
     jit_compile: bool = False
     bn_recompute_batches: int = 0
+    precision: str = training.FLOAT32
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag of an invalid value."""
+        training.check_precision(self.precision)
         if self.iter_size < 1:
             raise ConfigError(f"--iter_size must be >= 1, got {self.iter_size}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
@@ -168,7 +172,7 @@ class SegConfig:
 
 
 @keras.saving.register_keras_serializable(package="mm_tf")
-class Segmenter(keras.Model):
+class Segmenter(distribute.StrategyFitMixin, keras.Model):
     """Fine-tunes a segmentation network with pixel cross-entropy.
 
     Args:
@@ -180,7 +184,11 @@ class Segmenter(keras.Model):
         holds iter_size * micro-batch images.
       class_weights: optional float [K] cross-entropy weights.
       ignore_label: label excluded from loss and metrics.
-      seed: base seed; update s samples points with the stateless seeds of (seed, s).
+      seed: base seed; update s samples points with the stateless seeds of (seed, s)
+        (with several replicas, each folds its replica id in).
+      compile_replica_step: compile each micro-batch's forward and backward pass with
+        XLA, for strategies under which Keras' `compile(jit_compile=True)` cannot work
+        (`mm_tf.distribute.keras_can_jit`).
 
     Example:
       >>> network = heads.build_segmentation_model("vgg16", "hypercolumn", 5, width=0.0625)
@@ -191,7 +199,8 @@ class Segmenter(keras.Model):
 
     def __init__(self, network: keras.Model, weight_decay: float = 5e-4, iter_size: int = 1,
                  class_weights: Optional[Sequence[float]] = None,
-                 ignore_label: int = common.IGNORE_LABEL, seed: int = 0, **kwargs):
+                 ignore_label: int = common.IGNORE_LABEL, seed: int = 0,
+                 compile_replica_step: bool = False, **kwargs):
         super().__init__(**kwargs)
         if int(iter_size) < 1:
             raise ValueError(f"iter_size must be >= 1, got {iter_size}")
@@ -206,6 +215,9 @@ class Segmenter(keras.Model):
                              f"{self.num_classes} classes")
         self.ignore_label = int(ignore_label)
         self.seed = int(seed)
+        self.compile_replica_step = bool(compile_replica_step)
+        self._micro_step = (tf.function(self.micro_step, jit_compile=True)
+                            if self.compile_replica_step else self.micro_step)
         self.train_with_sampling = bool(getattr(network, "train_with_sampling", False))
         self._kernels = training.decayed_kernels(network)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in (
@@ -247,6 +259,23 @@ class Segmenter(keras.Model):
         return {"cross_entropy": losses.mean_cross_entropy(per_pixel, num_valid),
                 "per_pixel": per_pixel, "num_valid": num_valid}
 
+    def micro_step(self, images, labels, seed, scale):
+        """One micro-batch: forward -> float32 -> loss terms -> total -> gradients of
+        total * scale (times the float16 loss scale, if any). Returns (gradients per
+        network.trainable_variables (None where unused), cross_entropy, decay, logits
+        float32, targets)."""
+        variables = self.network.trainable_variables
+        with tf.GradientTape() as tape:
+            logits, targets = self.forward(images, labels, seed, training=True)
+            logits = tf.cast(logits, tf.float32)
+            terms = self.loss_terms(logits, targets)
+            # Decay is added per micro-batch and averaged: applied once per update.
+            decay = self.weight_decay * training.kernel_l2(self._kernels)
+            total = terms["cross_entropy"] + decay
+            scaled = self.optimizer.scale_loss(total * scale)
+        gradients = tape.gradient(scaled, variables)
+        return gradients, terms["cross_entropy"], decay, logits, targets
+
     def train_step(self, data):
         """One optimizer update over iter_size micro-batches: per micro-batch forward ->
         float32 -> loss terms -> total -> gradients (accumulated); then apply -> logs."""
@@ -254,11 +283,17 @@ class Segmenter(keras.Model):
         micro_images = tf.split(images, self.iter_size, axis=0)
         micro_labels = tf.split(labels, self.iter_size, axis=0)
         seeds = self.step_seeds(self.optimizer.iterations)
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        if replicas > 1:
+            # Equal seeds would sample the same point positions in every replica's images.
+            replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
+            seeds = tf.stack([tf.random.experimental.stateless_fold_in(seeds[k], replica)
+                              for k in range(self.iter_size)])
         variables = self.network.trainable_variables
         # Keras sums replica gradients; the raw-TF loss is scaled here, once, together with
         # the 1/iter_size of the gradient average.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        scale = 1.0 / tf.cast(self.iter_size * replicas, tf.float32)
+        scale = tf.constant(1.0 / (self.iter_size * replicas), tf.float32)
         accumulated = [None] * len(variables)
         cross_entropies, decay = [], None
         for k in range(self.iter_size):
@@ -269,18 +304,11 @@ class Segmenter(keras.Model):
                 # micro-batch of activations in memory at a time.
                 with tf.control_dependencies(ready):
                     x = tf.identity(x)
-            with tf.GradientTape() as tape:
-                logits, targets = self.forward(x, y, seeds[k], training=True)
-                logits = tf.cast(logits, tf.float32)
-                terms = self.loss_terms(logits, targets)
-                # Decay is added per micro-batch and averaged: applied once per update.
-                decay = self.weight_decay * training.kernel_l2(self._kernels)
-                total = terms["cross_entropy"] + decay
-                scaled = total * scale
-            gradients = tape.gradient(scaled, variables)
+            gradients, cross_entropy, decay, logits, targets = self._micro_step(
+                x, y, seeds[k], scale)
             accumulated = [a if g is None else (g if a is None else a + g)
                            for a, g in zip(accumulated, gradients)]
-            cross_entropies.append(terms["cross_entropy"])
+            cross_entropies.append(cross_entropy)
             self._update_pixel_metrics(logits, targets)
         pairs = [(g, v) for g, v in zip(accumulated, variables) if g is not None]
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
@@ -289,7 +317,7 @@ class Segmenter(keras.Model):
                   "weight_decay": decay}
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {metric.name: metric.result() for metric in self.metrics}
+        return self.fit_logs({metric.name: metric.result() for metric in self.metrics})
 
     def _update_pixel_metrics(self, logits, targets):
         """Pixel accuracy and mIoU over the non-ignore entries of targets [...]."""
@@ -305,7 +333,7 @@ class Segmenter(keras.Model):
         config.update(network=keras.saving.serialize_keras_object(self.network),
                       weight_decay=self.weight_decay, iter_size=self.iter_size,
                       class_weights=self.class_weights, ignore_label=self.ignore_label,
-                      seed=self.seed)
+                      seed=self.seed, compile_replica_step=self.compile_replica_step)
         return config
 
     @classmethod
@@ -434,9 +462,11 @@ def load_trained_model(workdir: str):
     return load_model(os.path.join(workdir, MODEL_WEIGHTS), os.path.join(workdir, MODEL_CONFIG))
 
 
-def _class_weights(workdir, train_pairs, info, config: SegConfig, input_config):
+def _class_weights(workdir, train_pairs, info, config: SegConfig, input_config,
+                   write_cache: bool = True):
     """The configured class weights float [K] or None; median frequencies are computed
-    once from the training labels and cached in workdir/class_weights.json."""
+    once from the training labels and cached in workdir/class_weights.json (written
+    only when `write_cache`: by the chief of a multi-worker run)."""
     if config.class_weighting == "none":
         return None
     cache = os.path.join(workdir, CLASS_WEIGHTS)
@@ -451,8 +481,9 @@ def _class_weights(workdir, train_pairs, info, config: SegConfig, input_config):
         raise ConfigError(f"--class_weighting: the training labels have errors, e.g. "
                           f"{report['errors'][0]} (run bin/check_dataset.py)")
     weights = median_frequency_weights(report["pixels_per_class"]).tolist()
-    files.write_json_atomic(cache, {"pixels_per_class": report["pixels_per_class"],
-                                       "weights": weights})
+    if write_cache:
+        files.write_json_atomic(cache, {"pixels_per_class": report["pixels_per_class"],
+                                        "weights": weights})
     return weights
 
 
@@ -491,7 +522,11 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
     """Fine-tunes on (train_pairs, info), evaluates on val_pairs, saves the model.
 
     Resumes from `workdir/checkpoints` if present. `input_config.batch_size` is the
-    micro-batch; each optimizer update reads `batch_size * config.iter_size` images.
+    global micro-batch; each optimizer update reads `batch_size * config.iter_size`
+    images, of which each of the strategy's R replicas gets 1/R (batch_size must divide
+    by R). Model, optimizer and checkpoint restore are created in the strategy's scope
+    under the Keras dtype policy `config.precision`; in multi-worker training only the
+    chief writes files (every worker evaluates).
     `data` (dataset, data_dir, split, ...) is recorded in model_config.json so that
     bin/evaluate.py finds the evaluation data by default.
 
@@ -512,19 +547,23 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
     if not val_pairs:
         raise ConfigError("the evaluation split has no images (--eval_split)")
     update_batch = input_config.batch_size * config.iter_size
-    if update_batch % strategy.num_replicas_in_sync:
-        raise ConfigError(f"--batch_size x --iter_size = {update_batch} images per update "
-                          f"must divide among {strategy.num_replicas_in_sync} replicas")
-    class_weights = _class_weights(workdir, train_pairs, info, config, input_config)
-    with strategy.scope():
+    # Each replica splits its share of an update into iter_size micro-batches.
+    distribute.per_replica_batch(input_config.batch_size, strategy)
+    chief = distribute.is_chief(strategy)
+    class_weights = _class_weights(workdir, train_pairs, info, config, input_config,
+                                   write_cache=chief)
+    keras_jit = config.jit_compile and distribute.keras_can_jit(strategy)
+    with training.precision_policy(config.precision), strategy.scope():
         network = build_network(config, info.num_classes)
         segmenter = Segmenter(network, weight_decay=config.weight_decay,
                               iter_size=config.iter_size, class_weights=class_weights,
-                              seed=config.seed)
-        segmenter.compile(optimizer=training.make_sgd(config.learning_rate,
-                                                      config.lr_boundaries, config.lr_decay,
-                                                      config.momentum),
-                          jit_compile=config.jit_compile)
+                              seed=config.seed,
+                              compile_replica_step=config.jit_compile and not keras_jit)
+        optimizer = training.make_sgd(config.learning_rate, config.lr_boundaries,
+                                      config.lr_decay, config.momentum)
+        segmenter.compile(
+            optimizer=training.optimizer_for_precision(optimizer, config.precision),
+            jit_compile=keras_jit)
 
     def make_dataset(start_step):
         # One element = one optimizer update. A resumed run re-seeds its data order from
@@ -550,11 +589,12 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
     eval_config = eval_config or evaluation.InferenceConfig()
     scores = evaluation.Evaluator(pipeline.eval_dataset(val_pairs, info, eval_input),
                                   info.num_classes, info.class_names, eval_config).run(network)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "val"))
-    with writer.as_default(step=result["steps"]):
-        tf.summary.scalar("val/miou", scores["miou"])
-        tf.summary.scalar("val/pixel_acc", scores["pixel_acc"])
-    writer.close()
+    if chief:
+        writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "val"))
+        with writer.as_default(step=result["steps"]):
+            tf.summary.scalar("val/miou", scores["miou"])
+            tf.summary.scalar("val/pixel_acc", scores["pixel_acc"])
+        writer.close()
 
     summary_path = os.path.join(workdir, SUMMARY)
     metrics = result["logs"]
@@ -564,9 +604,6 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
             metrics = json.load(f).get("metrics", {})
     weights_path = os.path.join(workdir, MODEL_WEIGHTS)
     config_path = os.path.join(workdir, MODEL_CONFIG)
-    save_network_weights(network, weights_path)
-    files.write_json_atomic(config_path,
-                               model_config_dict(config, info, data, eval_config))
     summary = {
         "stage": "segmentation",
         "steps": result["steps"],
@@ -576,6 +613,9 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
         "eval": {key: scores[key] for key in ("miou", "per_class_iou", "pixel_acc",
                                               "mean_acc", "num_images", "confusion_matrix")},
         "images_per_update": update_batch,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "strategy": distribute.strategy_kind(strategy),
+        "precision": config.precision,
         "model_weights": weights_path,
         "model_config": config_path,
         "config": {"seg": dataclasses.asdict(config), "input": dataclasses.asdict(input_config),
@@ -583,5 +623,9 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
                    "inference": dataclasses.asdict(eval_config), "dataset": info.name,
                    "class_weights": class_weights},
     }
-    files.write_json_atomic(summary_path, summary)
+    if chief:
+        save_network_weights(network, weights_path)
+        files.write_json_atomic(config_path,
+                                model_config_dict(config, info, data, eval_config))
+        files.write_json_atomic(summary_path, summary)
     return summary

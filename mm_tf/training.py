@@ -6,10 +6,21 @@ written once per window at the optimizer's step, and checkpoints land on window
 boundaries. A killed run restarted with the same work folder restores the newest
 checkpoint (model, optimizer, step) and continues; a NaN/inf loss stops the run with a
 clear message and keeps the last good checkpoint.
+
+Under a distribution strategy the model, its optimizer and the checkpoint restore live in
+the strategy's scope; in multi-worker training every worker saves (saving may need
+collective ops) but only the chief writes into the work folder, and every worker restores
+from the chief's checkpoints (`mm_tf.distribute`).
+
+Precision (`PRECISIONS`): "float32", or a Keras mixed policy ("mixed_bfloat16",
+"mixed_float16") under which layers compute in 16 bits and keep float32 variables; the
+train steps cast their outputs to float32 before any loss. float16 needs loss scaling
+(`optimizer_for_precision`); bfloat16 has float32's exponent range and does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +30,13 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
+from mm_tf import distribute
 from mm_tf.errors import ConfigError
+
+FLOAT32 = "float32"
+MIXED_BFLOAT16 = "mixed_bfloat16"
+MIXED_FLOAT16 = "mixed_float16"
+PRECISIONS = (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -72,6 +89,51 @@ def make_sgd(learning_rate: float, boundaries, decay: float, momentum: float):
     else:
         lr = learning_rate
     return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
+
+
+def check_precision(precision: str) -> None:
+    """Raises ConfigError naming --precision for an unknown policy name."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision={precision}: expected one of {PRECISIONS}")
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str):
+    """Sets Keras' global dtype policy to `precision` for the block (build the models
+    inside it: a layer keeps the policy it was created with) and restores the previous
+    policy afterwards, so that a run function leaves no global state behind."""
+    check_precision(precision)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class StepCountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Dynamic loss scaling whose `iterations` count every step, skipped ones included.
+
+    Keras 3's LossScaleOptimizer skips the update of a step whose scaled gradients
+    overflow and, unlike Keras 2's, then leaves `iterations` behind the number of
+    steps run. Logging windows, checkpoints, step seeds and resumption here count
+    `optimizer.iterations`, so a skipped step is counted too (Keras 2's behaviour): the
+    lr schedule and the step seeds advance as if the step had been applied.
+    """
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.inner_optimizer.iterations.assign_add(1)
+
+
+def optimizer_for_precision(optimizer, precision: str):
+    """`optimizer` itself, or wrapped in dynamic loss scaling for "mixed_float16". A
+    train_step must compute gradients of `optimizer.scale_loss(loss)` (the identity for
+    an unwrapped optimizer); `apply` unscales them."""
+    check_precision(precision)
+    if precision == MIXED_FLOAT16:
+        return StepCountingLossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def kernel_l2(variables) -> tf.Tensor:
@@ -133,14 +195,20 @@ class _WindowCallback(keras.callbacks.Callback):
             self._manager.save(checkpoint_number=step)
 
 
-def restore_or_init(model: keras.Model, checkpoint_dir: str, keep: int = 3):
-    """Builds a CheckpointManager over (model, optimizer) and restores the newest
-    checkpoint if any; returns (manager, restored_step). `model` must be built."""
-    model.optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=keep)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+def restore_or_init(model: keras.Model, checkpoint_dir: str, keep: int = 3,
+                    restore_dir: Optional[str] = None):
+    """Builds a CheckpointManager over (model, optimizer) writing to `checkpoint_dir` and
+    restores the newest checkpoint of `restore_dir` (default: `checkpoint_dir`) if any;
+    returns (manager, restored_step). `model` must be built. Runs in the scope of the
+    model's distribution strategy (the optimizer's slots are created there)."""
+    with model.distribute_strategy.scope():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=keep)
+        latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
+        if latest:
+            checkpoint.restore(latest).assert_existing_objects_matched()
     return manager, int(model.optimizer.iterations.numpy())
 
 
@@ -151,41 +219,52 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
     """Trains `model` (compiled) to `config.steps`, resuming from `workdir/checkpoints`.
 
     Args:
-      model: a compiled keras.Model whose train_step returns Mean-metric results.
-      make_dataset: start_step -> an infinite dataset of batches; a resumed run gets the
-        step it resumes from so that it can re-seed or skip its data stream.
-      workdir: run folder; holds `checkpoints/` and `tensorboard/`.
+      model: a compiled keras.Model whose train_step returns Mean-metric results; built
+        in the scope of the strategy it trains under (`model.distribute_strategy`).
+      make_dataset: start_step -> an infinite dataset of global batches (Keras splits
+        each among the replicas); a resumed run gets the step it resumes from so that it
+        can re-seed or skip its data stream.
+      workdir: run folder; holds `checkpoints/` and `tensorboard/`. In multi-worker
+        training only the chief writes there; the other workers write into a temporary
+        folder that is deleted, and all restore from `workdir/checkpoints`.
       config: the loop schedule.
       image_fn: step -> None, writes image summaries (called inside the writer context).
       scalar_names: Keras log key -> TensorBoard tag (e.g. "loss" -> "losses/total").
 
     Returns:
-      dict(steps, start_step, seconds, logs) where logs are the last window's metrics.
+      dict(steps, start_step, seconds, logs, chief) where logs are the last window's
+      metrics and chief tells whether this task wrote into `workdir`.
 
     Raises:
       TrainingDivergedError: the loss became NaN/inf (the message names the step and the
         checkpoint that is kept).
     """
     config.validate()
-    manager, start_step = restore_or_init(model, os.path.join(workdir, "checkpoints"),
-                                          config.keep_checkpoints)
-    if start_step % config.log_every:
-        raise ConfigError(f"checkpoint step {start_step} in {workdir} is not a multiple of "
-                         f"--log_every={config.log_every}; resume with the original flags")
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", "train"))
-    callback = _WindowCallback(manager, writer, config, image_fn, scalar_names or {})
-    started = time.time()
-    if start_step < config.steps:
-        model.fit(make_dataset(start_step),
-                  steps_per_epoch=config.log_every,
-                  epochs=config.steps // config.log_every,
-                  initial_epoch=start_step // config.log_every,
-                  callbacks=[callback], verbose=config.verbose)
-    writer.close()
+    strategy = model.distribute_strategy
+    with distribute.writable_workdir(strategy, workdir) as write_dir:
+        manager, start_step = restore_or_init(
+            model, os.path.join(write_dir, "checkpoints"), config.keep_checkpoints,
+            restore_dir=os.path.join(workdir, "checkpoints"))
+        if start_step % config.log_every:
+            raise ConfigError(f"checkpoint step {start_step} in {workdir} is not a multiple "
+                              f"of --log_every={config.log_every}; resume with the original "
+                              "flags")
+        writer = tf.summary.create_file_writer(os.path.join(write_dir, "tensorboard", "train"))
+        callback = _WindowCallback(manager, writer, config, image_fn, scalar_names or {})
+        started = time.time()
+        if start_step < config.steps:
+            model.fit(make_dataset(start_step),
+                      steps_per_epoch=config.log_every,
+                      epochs=config.steps // config.log_every,
+                      initial_epoch=start_step // config.log_every,
+                      callbacks=[callback], verbose=config.verbose)
+        writer.close()
     if callback.diverged_at is not None:
-        kept = manager.latest_checkpoint or "none (no checkpoint was written yet)"
+        kept = (tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+                or "none (no checkpoint was written yet)")
         raise TrainingDivergedError(
             f"loss became NaN or infinite at step {callback.diverged_at}; training stopped. "
             f"Last good checkpoint: {kept}. Lower the learning rate or check the data.")
     return {"steps": int(model.optimizer.iterations.numpy()), "start_step": start_step,
-            "seconds": time.time() - started, "logs": callback.last_logs}
+            "seconds": time.time() - started, "logs": callback.last_logs,
+            "chief": distribute.is_chief(strategy)}

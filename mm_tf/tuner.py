@@ -4,6 +4,33 @@ triplet loss inside one compiled step, and the run function that trains it resum
 The paper's stage (b): patches sampled across a batch of target images (mix), a
 class-wise connected graph over them (match), and a triplet ranking loss on the
 L2-normalised pool5 features of the patches. Only the layers up to pool5 are tuned.
+
+Under a distribution strategy the global batch is split among replicas, and the graph
+spans either the whole global batch (`graph_scope="global"`, the default: the paper's
+graph over 16 images stays one graph of 144 nodes on any number of devices) or each
+replica's images (`"replica"`: R graphs of N/R nodes). In global mode every replica mixes
+its own images and computes their pool5 features, then `all_gather`s the patch labels,
+valid flags and float32 features, builds the same graph over all N nodes (the match seed
+is the same on every replica) and differentiates the loss of its own anchors only.
+
+The scaling, derived once. Let R replicas hold n = N / R nodes each, h_a the hinge term
+of anchor a, C the number of valid triplets of the global graph, and L = (1/C) sum_a h_a
+the objective. Replica r differentiates its share l_r = (1/C) sum_{a in r} h_a, so
+sum_r l_r = L. Its features x_r reach the gathered X = [x_1; ...; x_R] on every replica;
+the gradient of all_gather sums the incoming gradients of X over replicas and keeps the
+local rows, so replica r receives sum_r' dl_r'/dx_r = dL/dx_r and its backbone gradient
+is g_r = dL/dx_r * dx_r/dtheta. Keras sums the replicas' gradients (optimizer.apply
+all-reduces with SUM): sum_r g_r = dL/dtheta, the gradient of the mean over all global
+anchors. So the triplet share is NOT divided by R. The weight decay D(theta) is the same
+on every replica and is divided by R once. In replica mode replica r's graph has its own
+mean L_r and the objective is (1/R) sum_r L_r + D: each replica differentiates
+(L_r + D) / R. With one replica both modes are the single-device step.
+
+Randomness under replicas: image i of the global batch (replica r holds i in
+[r*b, (r+1)*b)) is mixed with row i of the step's mix stream, so patches do not depend on
+the replica count (and replicas never reuse each other's draws). The global graph uses
+the step's match seed on every replica (the graph must be identical); replica graphs
+fold the replica id into it, so equal node positions do not get correlated draws.
 """
 
 from __future__ import annotations
@@ -17,6 +44,7 @@ import keras
 import tensorflow as tf
 
 from mm_tf import common
+from mm_tf import distribute
 from mm_tf import files
 from mm_tf.errors import ConfigError
 from mm_tf import losses
@@ -40,6 +68,10 @@ SCALAR_NAMES = {
     "valid_patches": "mix/valid_patches",
 }
 
+GLOBAL = "global"
+REPLICA = "replica"
+GRAPH_SCOPES = (GLOBAL, REPLICA)
+
 
 @dataclasses.dataclass(frozen=True)
 class TuneConfig:
@@ -55,7 +87,12 @@ class TuneConfig:
       learning_rate, lr_boundaries, lr_decay, momentum: SGD with a step schedule.
       weight_decay: coupled L2 on conv kernels, as Caffe applies it (grad += wd * w).
       seed: base seed of the stateless mix/match randomness and of the data order.
-      jit_compile: compile the train step with XLA.
+      jit_compile: compile the train step with XLA (under several replicas: each
+        replica's computation between the collectives, see `MMTuner`).
+      graph_scope: "global" (one graph over the global batch) or "replica" (one graph
+        per replica's share of it); equal with one replica.
+      precision: "float32", "mixed_bfloat16" or "mixed_float16" (Keras dtype policy of
+        the backbone; distances and losses stay float32).
     """
 
     backbone: str = "vgg16"
@@ -71,9 +108,15 @@ class TuneConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     jit_compile: bool = False
+    graph_scope: str = GLOBAL
+    precision: str = training.FLOAT32
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag when a value cannot work."""
+        if self.graph_scope not in GRAPH_SCOPES:
+            raise ConfigError(f"--graph_scope={self.graph_scope}: expected one of "
+                              f"{GRAPH_SCOPES}")
+        training.check_precision(self.precision)
         if self.input_mode not in common.INPUT_MODES:
             raise ConfigError(f"--input_mode={self.input_mode}: expected one of "
                               f"{common.INPUT_MODES}")
@@ -85,7 +128,7 @@ class TuneConfig:
                               "'random' or a backbone .weights.h5/.npz file)")
 
 
-class MMTuner(keras.Model):
+class MMTuner(distribute.StrategyFitMixin, keras.Model):
     """Mix-and-match tuning of a backbone's layers up to pool5.
 
     Args:
@@ -95,6 +138,12 @@ class MMTuner(keras.Model):
       margin: triplet margin (2.1 in the paper).
       weight_decay: coupled L2 coefficient on the tuned conv kernels.
       seed: base seed; step s uses the stateless seed (seed, s).
+      graph_scope: "global" (one graph over all replicas' patches) or "replica"; see
+        the module docstring for the loss scaling of each.
+      compile_replica_step: compile each replica's computation with XLA in two parts
+        around the all_gather (mix + backbone, then match + loss), for strategies under
+        which Keras' `compile(jit_compile=True)` cannot work
+        (`mm_tf.distribute.keras_can_jit`). The mix must then use the gather crop.
 
     Example:
       >>> backbone = backbones.build_backbone("vgg16", width=0.125)
@@ -106,8 +155,11 @@ class MMTuner(keras.Model):
 
     def __init__(self, backbone: keras.Model, mix_config: mix_lib.MixConfig,
                  triplet_mode: str = "graph", margin: float = losses.MARGIN,
-                 weight_decay: float = 5e-4, seed: int = 0, **kwargs):
+                 weight_decay: float = 5e-4, seed: int = 0, graph_scope: str = GLOBAL,
+                 compile_replica_step: bool = False, **kwargs):
         super().__init__(**kwargs)
+        if graph_scope not in GRAPH_SCOPES:
+            raise ValueError(f"graph_scope must be one of {GRAPH_SCOPES}, got {graph_scope!r}")
         self.backbone = backbone
         self.features = backbones.pool5_model(backbone)
         self.mix = mix_lib.Mix(mix_config)
@@ -117,10 +169,19 @@ class MMTuner(keras.Model):
         self.margin = float(margin)
         self.weight_decay = float(weight_decay)
         self.seed = int(seed)
+        self.graph_scope = graph_scope
+        self.compile_replica_step = bool(compile_replica_step)
         self._kernels = training.decayed_kernels(self.features)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in (
             "loss", "triplet_loss", "weight_decay", "active_fraction", "d_ap", "d_an",
             "num_classes", "valid_patches")}
+        if self.compile_replica_step:
+            self._embed_step = tf.function(self.embed, jit_compile=True)
+            self._graph_step = tf.function(self.graph_terms, jit_compile=True)
+        else:
+            self._embed_step, self._graph_step = self.embed, self.graph_terms
+        # Every weight exists now (the backbone is functional); fit need not build.
+        self.built = True
 
     @property
     def metrics(self):
@@ -136,33 +197,77 @@ class MMTuner(keras.Model):
         seeds = tf.random.experimental.stateless_split(base, num=2)
         return seeds[0], seeds[1]
 
-    def mm_terms(self, images, labels, step, training=True):
-        """One M&M forward: images [B,H,W,C], labels [B,H,W] -> (dict of loss terms,
-        Patches); the loss is this replica's, not yet scaled for replicas."""
-        mix_seed, match_seed = self.step_seeds(step)
-        patches = self.mix(images, labels, mix_seed)
+    def embed(self, images, labels, mix_seed, image_offset, total_images, training=True):
+        """Mix + backbone on one replica's images [b,H,W,C], labels [b,H,W] (images
+        [image_offset, image_offset + b) of a global batch of total_images) ->
+        (Patches with n = b*K, pool5 features float32 [n,s,s,D])."""
+        patches = self.mix(images, labels, mix_seed, image_offset=image_offset,
+                           total_images=total_images)
         features = self.features(patches.patches, training=training)
         # Distances and the margin live in float32 whatever the compute dtype.
-        features = tf.cast(features, tf.float32)
-        embeddings = features if self.triplet_mode == "graph_semihard" else None
-        indices, mask = self.match(patches.labels, patches.valid, match_seed,
-                                   embeddings=embeddings)
-        terms = losses.triplet_loss(features, indices, mask, margin=self.margin)
-        terms = dict(terms)
-        terms["num_classes"] = _count_classes(patches.labels, patches.valid)
-        terms["valid_patches"] = tf.reduce_sum(tf.cast(patches.valid, tf.float32))
+        return patches, tf.cast(features, tf.float32)
+
+    def graph_terms(self, features, labels, valid, match_seed, first_anchor, num_anchors):
+        """Match + triplet loss over a graph: features float32 [N,...], patch labels [N],
+        valid [N], seed int32 [2] -> dict of float32 scalars: the graph's loss,
+        active_fraction, d_ap, d_an, num_classes, valid_patches, and anchor_share (the
+        hinge terms of anchors [first_anchor, first_anchor + num_anchors) over the
+        graph's valid count; see `losses.triplet_loss`)."""
+        embeddings = features if self.triplet_mode == match_lib.GRAPH_SEMIHARD else None
+        indices, mask = self.match(labels, valid, match_seed, embeddings=embeddings)
+        terms = dict(losses.triplet_loss(features, indices, mask, margin=self.margin,
+                                         anchors=(first_anchor, num_anchors)))
+        terms["num_classes"] = _count_classes(labels, valid)
+        terms["valid_patches"] = tf.reduce_sum(tf.cast(valid, tf.float32))
+        return terms
+
+    def mm_terms(self, images, labels, step, training=True):
+        """One M&M forward of this replica: images [b,H,W,C], labels [b,H,W] -> (terms,
+        Patches of this replica). terms: float32 scalars `loss` (the triplet loss of the
+        graph: the global one, or this replica's), active_fraction, d_ap, d_an,
+        num_classes, valid_patches (over the graph's nodes) and `objective`: this
+        replica's part of the triplet objective, already scaled so that the replicas'
+        gradients sum to the objective's gradient (module docstring)."""
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
+        mix_seed, match_seed = self.step_seeds(step)
+        local_images = tf.shape(images)[0]
+        patches, features = self._embed_step(images, labels, mix_seed,
+                                             replica * local_images,
+                                             replicas * local_images, training)
+        local_nodes = tf.shape(features)[0]
+        if self.graph_scope == GLOBAL:
+            # Every replica gathers the same three tensors in the same order; rows are
+            # in replica order, so node i of replica r is global node r * n + i.
+            graph_features = context.all_gather(features, axis=0)
+            graph_labels = context.all_gather(patches.labels, axis=0)
+            graph_valid = context.all_gather(tf.cast(patches.valid, tf.int32), axis=0) > 0
+            terms = self._graph_step(graph_features, graph_labels, graph_valid, match_seed,
+                                     replica * local_nodes, local_nodes)
+            terms["objective"] = terms.pop("anchor_share")
+        else:
+            if replicas > 1:
+                match_seed = tf.random.experimental.stateless_fold_in(match_seed, replica)
+            terms = self._graph_step(features, patches.labels, patches.valid, match_seed,
+                                     0, local_nodes)
+            del terms["anchor_share"]
+            terms["objective"] = terms["loss"] / float(replicas)
         return terms, patches
 
     def train_step(self, data):
         """Forward -> float32 loss terms -> total -> gradients -> apply -> logs."""
         images, labels = data[common.IMAGE], data[common.LABEL]
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         with tf.GradientTape() as tape:
             terms, _ = self.mm_terms(images, labels, self.optimizer.iterations)
             decay = self.weight_decay * training.kernel_l2(self._kernels)
             total = terms["loss"] + decay
-            # Keras sums replica gradients; this raw-TF loss is scaled here, once.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = total / tf.cast(replicas, tf.float32)
+            # Keras sums the replicas' gradients: the triplet part is already this
+            # replica's share (mm_terms); the decay, equal on every replica, is divided
+            # here, once. scale_loss multiplies by the float16 loss scale, if any.
+            objective = terms["objective"] + decay / float(replicas)
+            scaled = self.optimizer.scale_loss(objective)
         variables = self.features.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
@@ -172,13 +277,16 @@ class MMTuner(keras.Model):
                   "valid_patches": terms["valid_patches"]}
         for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
+        return self.fit_logs({name: tracker.result()
+                              for name, tracker in self._trackers.items()})
 
     def get_config(self):
         config = super().get_config()
         config.update({"mix_config": dataclasses.asdict(self.mix_config),
                        "triplet_mode": self.triplet_mode, "margin": self.margin,
-                       "weight_decay": self.weight_decay, "seed": self.seed})
+                       "weight_decay": self.weight_decay, "seed": self.seed,
+                       "graph_scope": self.graph_scope,
+                       "compile_replica_step": self.compile_replica_step})
         return config
 
 
@@ -204,26 +312,37 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                ) -> dict:
     """Trains M&M on (pairs, info) into `workdir`, resuming if it holds checkpoints.
 
+    `input_config.batch_size` is the global batch: under `strategy` each of its R
+    replicas gets batch_size / R images (ConfigError naming --batch_size otherwise).
+    Model, optimizer and the checkpoint restore are created in the strategy's scope,
+    under the Keras dtype policy `config.precision`.
+
     Writes `workdir/backbone.weights.h5` (the tuned backbone for segmentation) and
-    `workdir/summary.json`; returns the summary dict.
+    `workdir/summary.json` (in multi-worker training: the chief only); returns the
+    summary dict.
     """
     config.validate()
     # The gather-based crop exists for XLA (no CropAndResize kernel); in graph mode the
     # TF op is ~4x faster (measured), so the crop follows the compile mode.
     mix_config = dataclasses.replace(mix_config, use_gather_resize=config.jit_compile)
     strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    per_replica = distribute.per_replica_batch(input_config.batch_size, strategy)
     os.makedirs(workdir, exist_ok=True)
     if config.input_mode != input_config.input_mode:
         raise ConfigError(f"input_mode mismatch: model {config.input_mode!r} vs data "
                          f"{input_config.input_mode!r}")
-    with strategy.scope():
+    keras_jit = config.jit_compile and distribute.keras_can_jit(strategy)
+    with training.precision_policy(config.precision), strategy.scope():
         tuner = MMTuner(build_backbone_from(config), mix_config,
                         triplet_mode=config.triplet_mode, margin=config.margin,
-                        weight_decay=config.weight_decay, seed=config.seed)
-        tuner.compile(optimizer=training.make_sgd(config.learning_rate,
-                                                  config.lr_boundaries, config.lr_decay,
-                                                  config.momentum),
-                      jit_compile=config.jit_compile)
+                        weight_decay=config.weight_decay, seed=config.seed,
+                        graph_scope=config.graph_scope,
+                        compile_replica_step=config.jit_compile and not keras_jit)
+        optimizer = training.make_sgd(config.learning_rate, config.lr_boundaries,
+                                      config.lr_decay, config.momentum)
+        tuner.compile(optimizer=training.optimizer_for_precision(optimizer, config.precision),
+                      jit_compile=keras_jit)
 
     def make_dataset(start_step):
         # A resumed run re-seeds its data order from the step it resumes at, so it does
@@ -245,21 +364,29 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
     result = training.fit_resumable(tuner, make_dataset, workdir, loop,
                                     image_fn=write_patch_grid, scalar_names=SCALAR_NAMES)
     weights_path = os.path.join(workdir, "backbone.weights.h5")
-    weights_lib.save_backbone_weights(tuner.backbone, weights_path)
     global_batch = input_config.batch_size
+    graph_images = global_batch if config.graph_scope == GLOBAL else per_replica
     summary = {
         "stage": "mm_tuning",
         "steps": result["steps"],
         "resumed_from_step": result["start_step"],
         "seconds": time.time() - started,
         "metrics": result["logs"],
-        "graph_nodes": global_batch * mix_config.patches_per_image,
+        # Nodes of one graph: the global batch's patches, or one replica's.
+        "graph_nodes": graph_images * mix_config.patches_per_image,
+        "graph_scope": config.graph_scope,
         "global_batch_size": global_batch,
+        "per_replica_batch_size": per_replica,
+        "num_replicas": replicas,
+        "strategy": distribute.strategy_kind(strategy),
+        "precision": config.precision,
         "patches_per_image": mix_config.patches_per_image,
         "backbone_weights": weights_path,
         "config": {"tune": dataclasses.asdict(config), "mix": dataclasses.asdict(mix_config),
                    "input": dataclasses.asdict(input_config),
                    "loop": dataclasses.asdict(loop), "dataset": info.name},
     }
-    files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    if result["chief"]:
+        weights_lib.save_backbone_weights(tuner.backbone, weights_path)
+        files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary

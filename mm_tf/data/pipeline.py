@@ -219,10 +219,23 @@ def element_seed(base_seed: int, index) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
 
 
-def _options(config: InputConfig) -> tf.data.Options:
-    """Build the tf.data options of a pipeline."""
+def _options(config: InputConfig, distributed: bool = False) -> tf.data.Options:
+    """Build the tf.data options of a pipeline.
+
+    distributed: the training stream, which Keras `fit` splits among replicas and
+    workers. Its auto-shard policy is DATA: every worker runs the same stream and keeps
+    its own part of each global batch. FILE sharding (the AUTO default for file readers)
+    would need at least one file per worker, would shard the TFRecord shards before the
+    shuffle, and would number each worker's examples from 0 (equal augmentation seeds on
+    every worker); DATA keeps the single-device stream exactly, at the cost of every
+    worker decoding every image. The stream is the same on every worker only with
+    `deterministic=True` (the default).
+    """
     options = tf.data.Options()
     options.deterministic = config.deterministic
+    if distributed:
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
     return options
 
 
@@ -272,9 +285,11 @@ def train_dataset(
         return features
 
     ds = ds.map(parse, num_parallel_calls=config.num_parallel_calls)
+    # Whole batches only: every replica gets batch_size / replicas images, and shapes
+    # stay static for XLA.
     ds = ds.batch(config.batch_size, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options(config))
+    return ds.with_options(_options(config, distributed=True))
 
 
 def eval_dataset(pairs, info, config: InputConfig, batch_size: int = 1) -> tf.data.Dataset:
