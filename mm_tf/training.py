@@ -3,9 +3,11 @@
 `fit_resumable` drives `keras.Model.fit` in windows of `log_every` steps: each window is a
 Keras "epoch", so Keras' Mean metrics are windowed averages, TensorBoard scalars are
 written once per window at the optimizer's step, and checkpoints land on window
-boundaries. A killed run restarted with the same work folder restores the newest
-checkpoint (model, optimizer, step) and continues; a NaN/inf loss stops the run with a
-clear message and keeps the last good checkpoint.
+boundaries. When `log_every` does not divide `steps` the last window is shorter (the
+remainder), and the final step is always logged and checkpointed. A killed run restarted
+with the same work folder restores the newest checkpoint (model, optimizer, step) and
+continues; a NaN/inf loss stops the run with a clear message and keeps the last good
+checkpoint.
 
 Under a distribution strategy the model, its optimizer and the checkpoint restore live in
 the strategy's scope; in multi-worker training every worker saves (saving may need
@@ -49,7 +51,8 @@ class LoopConfig:
 
     Args:
       steps: total optimizer steps of the run.
-      log_every: steps per logging window (a Keras epoch); must divide `steps`.
+      log_every: steps per logging window (a Keras epoch); the last window is shorter
+        when it does not divide `steps`.
       checkpoint_every: steps between checkpoints; a multiple of `log_every`.
       image_every: steps between image summaries (0 = never); a multiple of `log_every`.
       keep_checkpoints: how many checkpoints the manager keeps.
@@ -67,9 +70,8 @@ class LoopConfig:
         """Raises ConfigError naming the flag when the schedule does not tile the run."""
         if self.steps <= 0:
             raise ConfigError(f"--steps must be positive, got {self.steps}")
-        if self.log_every <= 0 or self.steps % self.log_every:
-            raise ConfigError(
-                f"--log_every={self.log_every} must be positive and divide --steps={self.steps}")
+        if self.log_every <= 0:
+            raise ConfigError(f"--log_every must be positive, got {self.log_every}")
         for flag, value in (("checkpoint_every", self.checkpoint_every),
                             ("image_every", self.image_every)):
             if value < 0 or value % self.log_every:
@@ -245,18 +247,24 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
         manager, start_step = restore_or_init(
             model, os.path.join(write_dir, "checkpoints"), config.keep_checkpoints,
             restore_dir=os.path.join(workdir, "checkpoints"))
-        if start_step % config.log_every:
+        full_windows, last_window = divmod(config.steps, config.log_every)
+        if start_step % config.log_every and start_step < config.steps:
             raise ConfigError(f"checkpoint step {start_step} in {workdir} is not a multiple "
                               f"of --log_every={config.log_every}; resume with the original "
                               "flags")
         writer = tf.summary.create_file_writer(os.path.join(write_dir, "tensorboard", "train"))
         callback = _WindowCallback(manager, writer, config, image_fn, scalar_names or {})
         started = time.time()
-        if start_step < config.steps:
+        if start_step < full_windows * config.log_every:
             model.fit(make_dataset(start_step),
                       steps_per_epoch=config.log_every,
-                      epochs=config.steps // config.log_every,
+                      epochs=full_windows,
                       initial_epoch=start_step // config.log_every,
+                      callbacks=[callback], verbose=config.verbose)
+        done = int(model.optimizer.iterations.numpy())
+        if last_window and done < config.steps and callback.diverged_at is None:
+            # Keras epochs have one length per fit call: the remainder is a second call.
+            model.fit(make_dataset(done), steps_per_epoch=config.steps - done, epochs=1,
                       callbacks=[callback], verbose=config.verbose)
         writer.close()
     if callback.diverged_at is not None:

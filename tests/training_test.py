@@ -95,9 +95,40 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert np.all(np.isfinite(restored.dense.kernel.numpy()))
 
 
+def test_last_window_is_shorter_when_log_every_does_not_divide_steps(tmp_path):
+    # 7 = 3 + 3 + 1: two full windows and a one-step window; the last step is saved.
+    result = training.fit_resumable(
+        _model(), _data(), str(tmp_path),
+        training.LoopConfig(steps=7, log_every=3, checkpoint_every=3, image_every=0, verbose=0))
+    assert result["steps"] == 7
+    latest = tf.train.latest_checkpoint(os.path.join(tmp_path, "checkpoints"))
+    assert latest.endswith("ckpt-7")
+    saved = sorted(int(name.split("-")[1].split(".")[0])
+                   for name in os.listdir(os.path.join(tmp_path, "checkpoints"))
+                   if name.startswith("ckpt-") and name.endswith(".index"))
+    assert saved == [3, 6, 7]
+    # A run shorter than one window (--steps=2, --log_every=20) is one short window.
+    short = training.fit_resumable(
+        _model(), _data(), str(tmp_path / "short"),
+        training.LoopConfig(steps=2, log_every=20, checkpoint_every=20, image_every=0,
+                            verbose=0))
+    assert short["steps"] == 2
+    assert tf.train.latest_checkpoint(os.path.join(tmp_path, "short", "checkpoints")).endswith(
+        "ckpt-2")
+
+
+def test_resume_inside_the_last_short_window(tmp_path):
+    def config(steps):
+        return training.LoopConfig(steps=steps, log_every=3, checkpoint_every=3,
+                                   image_every=0, verbose=0)
+    training.fit_resumable(_model(), _data(), str(tmp_path), config(6))
+    resumed = training.fit_resumable(_model(), _data(), str(tmp_path), config(8))
+    assert resumed["start_step"] == 6 and resumed["steps"] == 8
+
+
 @pytest.mark.parametrize("kwargs,flag", [
     (dict(steps=0), "--steps"),
-    (dict(steps=10, log_every=3), "--log_every"),
+    (dict(steps=10, log_every=0), "--log_every"),
     (dict(steps=10, log_every=2, checkpoint_every=3), "--checkpoint_every"),
     (dict(steps=10, log_every=2, image_every=5), "--image_every"),
 ])
