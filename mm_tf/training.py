@@ -33,7 +33,10 @@ import keras
 import tensorflow as tf
 
 from mm_tf import distribute
+from mm_tf import files
+from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
+from mm_tf.models import weights as weights_lib
 
 FLOAT32 = "float32"
 MIXED_BFLOAT16 = "mixed_bfloat16"
@@ -276,3 +279,41 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
     return {"steps": int(model.optimizer.iterations.numpy()), "start_step": start_step,
             "seconds": time.time() - started, "logs": callback.last_logs,
             "chief": distribute.is_chief(strategy)}
+
+
+def resumable_train_data(pairs, info, input_config: pipeline.InputConfig,
+                         **options) -> Callable[[int], tf.data.Dataset]:
+    """start_step -> the training stream of `pipeline.train_dataset`, re-seeded from the
+    step a resumed run starts at (so it does not replay the first run's batches)."""
+    def make_dataset(start_step: int) -> tf.data.Dataset:
+        resumed = dataclasses.replace(input_config, seed=input_config.seed + start_step)
+        return pipeline.train_dataset(pairs, info, resumed, **options)
+    return make_dataset
+
+
+def run_backbone_stage(model: keras.Model, backbone: keras.Model,
+                       make_dataset: Callable[[int], tf.data.Dataset], workdir: str,
+                       config: LoopConfig, *, stage: str, fields: dict,
+                       image_fn: Optional[Callable[[int], None]] = None,
+                       scalar_names: Optional[dict] = None) -> dict:
+    """Trains a stage whose product is a backbone (proxy tasks, M&M tuning): runs
+    `fit_resumable`, then the chief writes `workdir/backbone.weights.h5` and
+    `workdir/summary.json` (stage, steps, resumed_from_step, seconds, last window's
+    metrics, backbone_weights, plus the stage's own `fields`); returns the summary."""
+    started = time.time()
+    result = fit_resumable(model, make_dataset, workdir, config, image_fn=image_fn,
+                           scalar_names=scalar_names)
+    weights_path = os.path.join(workdir, "backbone.weights.h5")
+    summary = {
+        "stage": stage,
+        "steps": result["steps"],
+        "resumed_from_step": result["start_step"],
+        "seconds": time.time() - started,
+        "metrics": result["logs"],
+        "backbone_weights": weights_path,
+        **fields,
+    }
+    if result["chief"]:
+        weights_lib.save_backbone_weights(backbone, weights_path)
+        files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    return summary

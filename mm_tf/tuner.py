@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Optional
 
 import keras
@@ -45,7 +44,6 @@ import tensorflow as tf
 
 from mm_tf import common
 from mm_tf import distribute
-from mm_tf import files
 from mm_tf.errors import ConfigError
 from mm_tf import losses
 from mm_tf import match as match_lib
@@ -344,12 +342,6 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
         tuner.compile(optimizer=training.optimizer_for_precision(optimizer, config.precision),
                       jit_compile=keras_jit)
 
-    def make_dataset(start_step):
-        # A resumed run re-seeds its data order from the step it resumes at, so it does
-        # not replay the batches of the first run.
-        resumed = dataclasses.replace(input_config, seed=input_config.seed + start_step)
-        return pipeline.train_dataset(pairs, info, resumed)
-
     preview = next(iter(pipeline.train_dataset(pairs, info, input_config)))
     preview_images = preview[common.IMAGE]
     preview_labels = preview[common.LABEL]
@@ -360,33 +352,23 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                                     info.palette, config.input_mode)
         tf.summary.image("mix/patches", grid)
 
-    started = time.time()
-    result = training.fit_resumable(tuner, make_dataset, workdir, loop,
-                                    image_fn=write_patch_grid, scalar_names=SCALAR_NAMES)
-    weights_path = os.path.join(workdir, "backbone.weights.h5")
     global_batch = input_config.batch_size
     graph_images = global_batch if config.graph_scope == GLOBAL else per_replica
-    summary = {
-        "stage": "mm_tuning",
-        "steps": result["steps"],
-        "resumed_from_step": result["start_step"],
-        "seconds": time.time() - started,
-        "metrics": result["logs"],
-        # Nodes of one graph: the global batch's patches, or one replica's.
-        "graph_nodes": graph_images * mix_config.patches_per_image,
-        "graph_scope": config.graph_scope,
-        "global_batch_size": global_batch,
-        "per_replica_batch_size": per_replica,
-        "num_replicas": replicas,
-        "strategy": distribute.strategy_kind(strategy),
-        "precision": config.precision,
-        "patches_per_image": mix_config.patches_per_image,
-        "backbone_weights": weights_path,
-        "config": {"tune": dataclasses.asdict(config), "mix": dataclasses.asdict(mix_config),
-                   "input": dataclasses.asdict(input_config),
-                   "loop": dataclasses.asdict(loop), "dataset": info.name},
-    }
-    if result["chief"]:
-        weights_lib.save_backbone_weights(tuner.backbone, weights_path)
-        files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    return training.run_backbone_stage(
+        tuner, tuner.backbone, training.resumable_train_data(pairs, info, input_config),
+        workdir, loop, stage="mm_tuning", image_fn=write_patch_grid,
+        scalar_names=SCALAR_NAMES,
+        fields={
+            # Nodes of one graph: the global batch's patches, or one replica's.
+            "graph_nodes": graph_images * mix_config.patches_per_image,
+            "graph_scope": config.graph_scope,
+            "global_batch_size": global_batch,
+            "per_replica_batch_size": per_replica,
+            "num_replicas": replicas,
+            "strategy": distribute.strategy_kind(strategy),
+            "precision": config.precision,
+            "patches_per_image": mix_config.patches_per_image,
+            "config": {"tune": dataclasses.asdict(config),
+                       "mix": dataclasses.asdict(mix_config),
+                       "input": dataclasses.asdict(input_config),
+                       "loop": dataclasses.asdict(loop), "dataset": info.name}})

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Optional
 
 import keras
@@ -40,14 +39,12 @@ import numpy as np
 import tensorflow as tf
 
 from mm_tf import common
-from mm_tf import files
 from mm_tf import summaries
 from mm_tf import training
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
 from mm_tf.models import backbones
 from mm_tf.models import heads
-from mm_tf.models import weights as weights_lib
 from mm_tf.proxy import color
 
 SCALAR_NAMES = {
@@ -288,11 +285,6 @@ def run_colorization(workdir: str, pairs, info, input_config: pipeline.InputConf
                                                   config.lr_decay, config.momentum),
                       jit_compile=config.jit_compile)
 
-    def make_dataset(start_step):
-        # A resumed run re-seeds its data order from the step it resumes at.
-        resumed = dataclasses.replace(input_config, seed=input_config.seed + start_step)
-        return pipeline.train_dataset(pairs, info, resumed, include_raw_image=True)
-
     preview = next(iter(pipeline.train_dataset(pairs, info, input_config,
                                                include_raw_image=True)))
 
@@ -302,23 +294,13 @@ def run_colorization(workdir: str, pairs, info, input_config: pipeline.InputConf
         predicted = model.predict_colors(images, raw, config.preview_temperature)
         tf.summary.image("colorization/grey_true_predicted", color_rows(images, raw, predicted))
 
-    started = time.time()
-    result = training.fit_resumable(model, make_dataset, workdir, loop,
-                                    image_fn=write_colors, scalar_names=SCALAR_NAMES)
-    weights_path = os.path.join(workdir, "backbone.weights.h5")
-    weights_lib.save_backbone_weights(model.backbone, weights_path)
-    summary = {
-        "stage": "colorization_pretraining",
-        "steps": result["steps"],
-        "resumed_from_step": result["start_step"],
-        "seconds": time.time() - started,
-        "metrics": result["logs"],
-        "backbone_weights": weights_path,
-        "input_mode": common.INPUT_GREY,
-        "color_bins": dataclasses.asdict(model.bins),
-        "config": {"colorization": dataclasses.asdict(config),
-                   "input": dataclasses.asdict(input_config),
-                   "loop": dataclasses.asdict(loop), "dataset": info.name},
-    }
-    files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    return training.run_backbone_stage(
+        model, model.backbone,
+        training.resumable_train_data(pairs, info, input_config, include_raw_image=True),
+        workdir, loop, stage="colorization_pretraining", image_fn=write_colors,
+        scalar_names=SCALAR_NAMES,
+        fields={"input_mode": common.INPUT_GREY,
+                "color_bins": dataclasses.asdict(model.bins),
+                "config": {"colorization": dataclasses.asdict(config),
+                           "input": dataclasses.asdict(input_config),
+                           "loop": dataclasses.asdict(loop), "dataset": info.name}})

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Optional
 
 import keras
@@ -48,12 +47,10 @@ import numpy as np
 import tensorflow as tf
 
 from mm_tf import common
-from mm_tf import files
 from mm_tf import training
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
 from mm_tf.models import backbones
-from mm_tf.models import weights as weights_lib
 from mm_tf.proxy import permutations as permutations_lib
 
 GRID = 3
@@ -396,11 +393,6 @@ def run_jigsaw(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                                                   config.lr_decay, config.momentum),
                       jit_compile=config.jit_compile)
 
-    def make_dataset(start_step):
-        # A resumed run re-seeds its data order from the step it resumes at.
-        resumed = dataclasses.replace(input_config, seed=input_config.seed + start_step)
-        return pipeline.train_dataset(pairs, info, resumed, include_raw_image=True)
-
     preview = next(iter(pipeline.train_dataset(pairs, info, input_config,
                                                include_raw_image=True)))[common.RAW_IMAGE]
 
@@ -412,27 +404,20 @@ def run_jigsaw(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                          puzzle_rows(puzzles, model.permutation_table, predicted,
                                      puzzle.tile_std))
 
-    started = time.time()
-    result = training.fit_resumable(model, make_dataset, workdir, loop,
-                                    image_fn=write_puzzles, scalar_names=SCALAR_NAMES)
-    weights_path = os.path.join(workdir, "backbone.weights.h5")
-    weights_lib.save_backbone_weights(model.backbone, weights_path)
-    summary = {
-        "stage": "jigsaw_pretraining",
-        "steps": result["steps"],
-        "resumed_from_step": result["start_step"],
-        "seconds": time.time() - started,
-        "metrics": result["logs"],
-        "backbone_weights": weights_path,
-        "input_mode": common.INPUT_RGB,
-        "permutations": os.path.join(workdir, permutations_lib.FILENAME),
-        "num_permutations": int(len(perms)),
-        "min_hamming_distance": permutations_lib.min_hamming_distance(perms),
-        "mean_hamming_distance": permutations_lib.mean_hamming_distance(perms),
-        "trained_layers": "conv1 .. pool5 (the backbone's fc6/fc7 keep their initialisation)",
-        "config": {"jigsaw": dataclasses.asdict(config), "puzzle": dataclasses.asdict(puzzle),
-                   "input": dataclasses.asdict(input_config),
-                   "loop": dataclasses.asdict(loop), "dataset": info.name},
-    }
-    files.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    return summary
+    return training.run_backbone_stage(
+        model, model.backbone,
+        training.resumable_train_data(pairs, info, input_config, include_raw_image=True),
+        workdir, loop, stage="jigsaw_pretraining", image_fn=write_puzzles,
+        scalar_names=SCALAR_NAMES,
+        fields={
+            "input_mode": common.INPUT_RGB,
+            "permutations": os.path.join(workdir, permutations_lib.FILENAME),
+            "num_permutations": int(len(perms)),
+            "min_hamming_distance": permutations_lib.min_hamming_distance(perms),
+            "mean_hamming_distance": permutations_lib.mean_hamming_distance(perms),
+            "trained_layers": "conv1 .. pool5 (the backbone's fc6/fc7 keep their "
+                              "initialisation)",
+            "config": {"jigsaw": dataclasses.asdict(config),
+                       "puzzle": dataclasses.asdict(puzzle),
+                       "input": dataclasses.asdict(input_config),
+                       "loop": dataclasses.asdict(loop), "dataset": info.name}})
