@@ -354,7 +354,7 @@ def export_saved_model(network, model_config: dict, output_dir: str,
         texts = {
             CLASS_NAMES_FILE: "".join(f"{name}\n" for name in card["class_names"]),
             PALETTE_FILE: "".join(f"{r} {g} {b}\n" for r, g, b in card["palette"]),
-            MODEL_CARD_FILE: json.dumps(card, indent=2, sort_keys=True) + "\n",
+            MODEL_CARD_FILE: json.dumps(card, indent=2) + "\n",
         }
         for name, text in texts.items():
             with open(os.path.join(asset_dir, name), "w") as f:

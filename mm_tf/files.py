@@ -7,12 +7,12 @@ import tempfile
 
 def write_json_atomic(path: str, payload: dict) -> None:
     """Writes `payload` as JSON to `path` through a temp file + rename, so readers never
-    see half a file."""
+    see half a file. Keys keep their order: per-class scores stay in class-id order."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
     with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+        json.dump(payload, f, indent=2)
     os.replace(tmp, path)
 
 

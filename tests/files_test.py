@@ -13,6 +13,15 @@ def test_write_json_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["summary.json"]
 
 
+def test_write_json_atomic_keeps_class_order(tmp_path):
+    # Per-class IoU dicts are read back into report tables: alphabetical order would
+    # shuffle the columns away from class ids.
+    scores = {"sky": 0.9, "building": 0.5, "road": 0.8}
+    path = tmp_path / "scores.json"
+    files.write_json_atomic(str(path), {"per_class_iou": scores})
+    assert list(json.loads(path.read_text())["per_class_iou"]) == ["sky", "building", "road"]
+
+
 def test_write_text_atomic(tmp_path):
     path = tmp_path / "report.md"
     files.write_text_atomic(str(path), "# hi\n")
