@@ -44,7 +44,7 @@ def _env():
     return env
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=600):
     return subprocess.run(["timeout", "-s", "KILL", str(timeout), sys.executable, *args],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, check=False)
 
@@ -66,12 +66,12 @@ def runs(small_demo_dir, tmp_path_factory):
                       "--bn_recompute_batches=0", "--image_every=0"],
     }
     procs = {name: subprocess.Popen(  # pylint: disable=consider-using-with
-        ["timeout", "-s", "KILL", "240", sys.executable, *args], cwd=ROOT, env=_env(),
+        ["timeout", "-s", "KILL", "600", sys.executable, *args], cwd=ROOT, env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, args in commands.items()}
     results = {}
     for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=260)
+        stdout, stderr = proc.communicate(timeout=620)
         results[name] = (proc.returncode, stdout, stderr)
     return root, results
 

@@ -42,7 +42,7 @@ def _start_workers(args, tmpdir, logs):
                    TMPDIR=str(tmpdir))
         log = open(logs / f"worker{index}.log", "a")  # pylint: disable=consider-using-with
         procs.append(subprocess.Popen(
-            ["timeout", "-s", "KILL", "240", sys.executable, "bin/train_mm.py", *args],
+            ["timeout", "-s", "KILL", "600", sys.executable, "bin/train_mm.py", *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
@@ -66,7 +66,7 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
     first_tmp.mkdir()
     procs = _start_workers(args, first_tmp, logs)
     state = workdir / "checkpoints" / "checkpoint"
-    deadline = time.time() + 150
+    deadline = time.time() + 400
     while time.time() < deadline and all(p.poll() is None for p in procs):
         if state.is_file() and f"ckpt-{KILL_AFTER_CHECKPOINT}" in state.read_text():
             break
@@ -86,7 +86,7 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
     second_tmp = tmp_path / "tmp2"
     second_tmp.mkdir()
     procs = _start_workers(args, second_tmp, logs)
-    codes = [p.wait(timeout=250) for p in procs]
+    codes = [p.wait(timeout=620) for p in procs]
     assert codes == [0, 0], _tail(logs / "worker0.log") + _tail(logs / "worker1.log")
     for index in range(2):
         assert "M&M tuning done: 24 steps" in (logs / f"worker{index}.log").read_text()
