@@ -23,9 +23,7 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", None, "A bin/train_seg.py run folder.")
-flags.DEFINE_string("weights", None, "Model weights (.weights.h5); default: --workdir's.")
-flags.DEFINE_string("model_config", None, "model_config.json; default: --workdir's.")
+flagdefs.define_trained_model_flags()
 flags.DEFINE_string("dataset", None, "Data set reader; default: the model config's.")
 flags.DEFINE_string("data_dir", None, "Data set root; default: the model config's.")
 flags.DEFINE_string("split", None, "Split to evaluate; default: the model config's (val).")
@@ -41,33 +39,13 @@ flags.DEFINE_string("predictions_dir", None,
 flags.DEFINE_bool("json", False, "Print the scores as one JSON object on the last line.")
 
 
-def _model_paths():
-    """(weights path, model config path) from --weights/--model_config or --workdir."""
-    from mm_tf import segmenter  # pylint: disable=import-outside-toplevel
-    from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
-    weights, config = FLAGS.weights, FLAGS.model_config
-    if FLAGS.workdir:
-        weights = weights or os.path.join(FLAGS.workdir, segmenter.MODEL_WEIGHTS)
-        config = config or os.path.join(FLAGS.workdir, segmenter.MODEL_CONFIG)
-    if not (weights and config):
-        raise ConfigError("give --workdir of a bin/train_seg.py run, or both --weights and "
-                          "--model_config")
-    return weights, config
-
-
 def _inference_config(recorded):
     """InferenceConfig from the flags, each unset one taken from `recorded` (the run's)."""
     from mm_tf import evaluation  # pylint: disable=import-outside-toplevel
     from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
     default = evaluation.InferenceConfig()
-    scales = FLAGS.scales if FLAGS.scales is not None else recorded.get("scales",
-                                                                          default.scales)
-    try:
-        scales = tuple(float(s) for s in scales)
-    except ValueError as e:
-        raise ConfigError(f"--scales={','.join(map(str, scales))}: {e}") from None
-    if not scales or min(scales) <= 0:
-        raise ConfigError(f"--scales must be positive numbers, got {list(scales)}")
+    scales = flagdefs.scales_from_flags(
+        tuple(float(s) for s in recorded.get("scales", default.scales)))
     config = evaluation.InferenceConfig(
         flip=bool(FLAGS.flip if FLAGS.flip is not None else recorded.get("flip", False)),
         scales=scales,
@@ -101,7 +79,8 @@ def main(argv):
     from PIL import Image
 
     try:
-        network, model_config = segmenter.load_model(*_model_paths())
+        network, model_config = segmenter.load_model(
+            *flagdefs.trained_model_paths_from_flags())
         recorded = model_config.get("data", {})
         dataset = FLAGS.dataset or recorded.get("dataset") or model_config["dataset"]
         data_dir = FLAGS.data_dir or recorded.get("data_dir")
@@ -145,7 +124,7 @@ def main(argv):
                 "num_images")
         result = {key: scores[key] for key in keys}
         result.update(dataset=dataset, split=split)
-        print(json.dumps(result, sort_keys=True))
+        print(json.dumps(result))
     else:
         _print_table(scores, split)
         if FLAGS.predictions_dir:

@@ -30,10 +30,7 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", None, "A bin/train_seg.py run folder (e.g. a pipeline arm's "
-                    "seg/<arm> folder).")
-flags.DEFINE_string("weights", None, "Model weights (.weights.h5); default: --workdir's.")
-flags.DEFINE_string("model_config", None, "model_config.json; default: --workdir's.")
+flagdefs.define_trained_model_flags()
 flags.DEFINE_string("output_dir", None, "The SavedModel folder to write (replaced if it "
                     "holds an earlier export).")
 flags.DEFINE_bool("flip", None, "Bake in left-right flip averaging; default: as evaluated.")
@@ -50,20 +47,11 @@ def main(argv):
     from mm_tf.errors import ConfigError
 
     try:
-        weights, config_path = FLAGS.weights, FLAGS.model_config
-        if FLAGS.workdir:
-            weights = weights or os.path.join(FLAGS.workdir, segmenter.MODEL_WEIGHTS)
-            config_path = config_path or os.path.join(FLAGS.workdir, segmenter.MODEL_CONFIG)
-        if not (weights and config_path):
-            raise ConfigError("give --workdir of a bin/train_seg.py run, or both --weights "
-                              "and --model_config")
+        weights, config_path = flagdefs.trained_model_paths_from_flags()
         network, model_config = segmenter.load_model(weights, config_path)
         recorded = model_config.get("inference", {})
-        scales = FLAGS.scales if FLAGS.scales is not None else recorded.get("scales", [1.0])
-        try:
-            scales = tuple(float(s) for s in scales)
-        except ValueError as e:
-            raise ConfigError(f"--scales={','.join(map(str, scales))}: {e}") from None
+        scales = flagdefs.scales_from_flags(
+            tuple(float(s) for s in recorded.get("scales", [1.0])))
         flip = FLAGS.flip if FLAGS.flip is not None else recorded.get("flip", False)
         if recorded.get("window"):
             print(f"note: the run was evaluated with --window={recorded['window']}; the "

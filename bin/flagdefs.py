@@ -58,6 +58,28 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
 
 
+def define_optimizer_flags(lr_boundaries=(), boundary_unit: str = "Steps",
+                           decay_on: str = "conv kernels") -> None:
+    """SGD with momentum, a step schedule and coupled L2 decay (defaults: the paper's)."""
+    flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
+    flags.DEFINE_list("lr_boundaries", [str(b) for b in lr_boundaries],
+                      f"{boundary_unit} where the lr is multiplied by lr_decay.")
+    flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", 5e-4, f"Coupled L2 weight decay on {decay_on}.")
+
+
+def optimizer_kwargs_from_flags() -> dict:
+    """The optimizer flags as keyword arguments of the stages' config dataclasses."""
+    try:
+        boundaries = tuple(int(b) for b in FLAGS.lr_boundaries)
+    except ValueError:
+        fail(f"--lr_boundaries={','.join(FLAGS.lr_boundaries)}: expected whole numbers")
+    return dict(learning_rate=FLAGS.learning_rate, lr_boundaries=boundaries,
+                lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
+                weight_decay=FLAGS.weight_decay)
+
+
 def define_distribution_flags() -> None:
     """Strategy, logical CPU devices and numeric precision (see docs/distributed.md)."""
     flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
@@ -75,6 +97,44 @@ def define_distribution_flags() -> None:
                       "dynamic loss scaling.")
 
 
+def define_trained_model_flags() -> None:
+    """--workdir of a bin/train_seg.py run, or --weights and --model_config."""
+    flags.DEFINE_string("workdir", None, "A bin/train_seg.py run folder (e.g. a pipeline "
+                        "arm's seg/<arm> folder).")
+    flags.DEFINE_string("weights", None, "Model weights (.weights.h5); default: --workdir's.")
+    flags.DEFINE_string("model_config", None, "model_config.json; default: --workdir's.")
+
+
+def trained_model_paths_from_flags():
+    """(weights path, model config path) from --weights/--model_config or --workdir.
+    Raises mm_tf.errors.ConfigError when neither names a model."""
+    from mm_tf import segmenter  # pylint: disable=import-outside-toplevel
+    from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    weights, config = FLAGS.weights, FLAGS.model_config
+    if FLAGS.workdir:
+        weights = weights or os.path.join(FLAGS.workdir, segmenter.MODEL_WEIGHTS)
+        config = config or os.path.join(FLAGS.workdir, segmenter.MODEL_CONFIG)
+    if not (weights and config):
+        raise ConfigError("give --workdir of a bin/train_seg.py run, or both --weights and "
+                          "--model_config")
+    return weights, config
+
+
+def scales_from_flags(default=None):
+    """--scales as a tuple of positive floats, or `default` when the flag is unset.
+    Raises mm_tf.errors.ConfigError naming the flag."""
+    from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    if FLAGS.scales is None:
+        return default
+    try:
+        scales = tuple(float(s) for s in FLAGS.scales)
+    except ValueError as e:
+        raise ConfigError(f"--scales={','.join(FLAGS.scales)}: {e}") from None
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"--scales must be positive numbers, got {list(scales)}")
+    return scales
+
+
 def strategy_from_flags():
     """The flagged tf.distribute strategy. Call it first in main(): logical CPU devices
     and the multi-worker runtime must be set up before TensorFlow runs any op.
@@ -83,17 +143,32 @@ def strategy_from_flags():
     return distribute.make_strategy(FLAGS.strategy, FLAGS.num_cpu_devices)
 
 
-def dataset_from_flags():
-    """Reads the flagged data set: (pairs, info); generates the demo data if needed."""
-    from mm_tf.data import datasets  # pylint: disable=import-outside-toplevel
+def _make_missing_demo_data() -> None:
+    """Generates the demo data set in --data_dir when --dataset=demo and none is there."""
     if FLAGS.dataset == "demo" and not os.path.isfile(
             os.path.join(FLAGS.data_dir, "dataset.json")):
         # Only a missing demo set is generated; one made with other sizes is kept.
         from mm_tf.data import synthetic  # pylint: disable=import-outside-toplevel
         synthetic.generate_demo_dataset(FLAGS.data_dir)
+
+
+def dataset_from_flags():
+    """Reads the flagged data set: (pairs, info); generates the demo data if needed."""
+    from mm_tf.data import datasets  # pylint: disable=import-outside-toplevel
+    _make_missing_demo_data()
     return datasets.read_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.split,
                                  list_file=FLAGS.list_file, num_classes=FLAGS.num_classes,
                                  ignore_label=FLAGS.ignore_label)
+
+
+def images_from_flags():
+    """The images of every split in --split (comma-separated) for proxy tasks, which never
+    read labels: (pairs, info); generates the demo data if needed."""
+    from mm_tf import proxy  # pylint: disable=import-outside-toplevel
+    _make_missing_demo_data()
+    return proxy.read_image_pairs(FLAGS.dataset, FLAGS.data_dir, FLAGS.split,
+                                  list_file=FLAGS.list_file, num_classes=FLAGS.num_classes,
+                                  ignore_label=FLAGS.ignore_label)
 
 
 def input_config_from_flags(**overrides):

@@ -53,12 +53,7 @@ def main(argv):
 
     try:
         images = predict.list_inputs(FLAGS.inputs)
-        scales = None
-        if FLAGS.scales is not None:
-            try:
-                scales = tuple(float(s) for s in FLAGS.scales)
-            except ValueError as e:
-                raise ConfigError(f"--scales={','.join(FLAGS.scales)}: {e}") from None
+        scales = flagdefs.scales_from_flags()
         predictors = [predict.load_predictor(path, FLAGS.flip, scales) for path in FLAGS.model]
         model = predict.Ensemble(predictors)
         submission = {"auto": None, "yes": True, "no": False}[FLAGS.submission]

@@ -37,11 +37,7 @@ flags.DEFINE_integer("bin_neighbours", 5, "Bins that carry soft-encoded target m
 flags.DEFINE_integer("points_per_image", 128, "Pixels sampled per image and step.")
 flags.DEFINE_integer("hidden_units", 0, "Head hidden width; 0 = 1024 x width.")
 flags.DEFINE_float("hue_weight", 5.0, "Weight lambda_H of the chroma-weighted hue loss.")
-flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
-flags.DEFINE_list("lr_boundaries", [], "Steps where the lr is multiplied by lr_decay.")
-flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay on kernels.")
+flagdefs.define_optimizer_flags()
 flags.DEFINE_float("preview_temperature", 0.38,
                    "Annealed-mean temperature of the TensorBoard colour preview.")
 flags.mark_flag_as_required("workdir")
@@ -50,30 +46,22 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import proxy
     from mm_tf import training
-    from mm_tf.data import synthetic
     from mm_tf.data.errors import DatasetError
     from mm_tf.errors import ConfigError
     from mm_tf.models.weights import WeightsMismatchError
     from mm_tf.proxy import colorization
 
     try:
-        if FLAGS.dataset == "demo":
-            synthetic.generate_demo_dataset(FLAGS.data_dir)
-        pairs, info = proxy.read_image_pairs(
-            FLAGS.dataset, FLAGS.data_dir, FLAGS.split, list_file=FLAGS.list_file,
-            num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
+        pairs, info = flagdefs.images_from_flags()
         config = colorization.ColorizationConfig(
             backbone=FLAGS.backbone, width=FLAGS.width,
             num_chroma_bins=FLAGS.num_chroma_bins, num_hue_bins=FLAGS.num_hue_bins,
             sigma=FLAGS.bin_sigma, neighbours=FLAGS.bin_neighbours,
             points_per_image=FLAGS.points_per_image, hidden_units=FLAGS.hidden_units or None,
-            hue_weight=FLAGS.hue_weight, learning_rate=FLAGS.learning_rate,
-            lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-            lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay, preview_temperature=FLAGS.preview_temperature,
-            seed=FLAGS.seed, jit_compile=FLAGS.jit_compile)
+            hue_weight=FLAGS.hue_weight, preview_temperature=FLAGS.preview_temperature,
+            seed=FLAGS.seed, jit_compile=FLAGS.jit_compile,
+            **flagdefs.optimizer_kwargs_from_flags())
         summary = colorization.run_colorization(
             FLAGS.workdir, pairs, info, flagdefs.input_config_from_flags(), config,
             flagdefs.loop_config_from_flags())

@@ -38,40 +38,27 @@ flags.DEFINE_enum("permutation_criterion", "min", ["min", "sum"],
                   "Greedy selection: max-min Hamming distance, or max summed distance.")
 flags.DEFINE_integer("fc_units", 0, "fc7 width; 0 = 4096 x width.")
 flags.DEFINE_float("dropout", 0.5, "Dropout after fc7.")
-flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
-flags.DEFINE_list("lr_boundaries", [], "Steps where the lr is multiplied by lr_decay.")
-flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay on kernels.")
+flagdefs.define_optimizer_flags()
 flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     del argv
     # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import proxy
     from mm_tf import training
-    from mm_tf.data import synthetic
     from mm_tf.data.errors import DatasetError
     from mm_tf.errors import ConfigError
     from mm_tf.models.weights import WeightsMismatchError
     from mm_tf.proxy import jigsaw
 
     try:
-        if FLAGS.dataset == "demo":
-            synthetic.generate_demo_dataset(FLAGS.data_dir)
-        pairs, info = proxy.read_image_pairs(
-            FLAGS.dataset, FLAGS.data_dir, FLAGS.split, list_file=FLAGS.list_file,
-            num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
+        pairs, info = flagdefs.images_from_flags()
         config = jigsaw.JigsawConfig(
             backbone=FLAGS.backbone, width=FLAGS.width, tile_size=FLAGS.tile_size,
             channel_jitter=FLAGS.channel_jitter, num_permutations=FLAGS.num_permutations,
             permutation_criterion=FLAGS.permutation_criterion,
-            fc_units=FLAGS.fc_units or None, dropout=FLAGS.dropout,
-            learning_rate=FLAGS.learning_rate,
-            lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-            lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile)
+            fc_units=FLAGS.fc_units or None, dropout=FLAGS.dropout, seed=FLAGS.seed,
+            jit_compile=FLAGS.jit_compile, **flagdefs.optimizer_kwargs_from_flags())
         summary = jigsaw.run_jigsaw(FLAGS.workdir, pairs, info,
                                     flagdefs.input_config_from_flags(), config,
                                     flagdefs.loop_config_from_flags())

@@ -42,11 +42,7 @@ flags.DEFINE_float("max_overlap", 0.6, "Skip a candidate covered more than this 
 flags.DEFINE_enum("triplet_mode", "graph", ["graph", "random", "graph_semihard"],
                   "Triplet selection: the paper's graph, random triplets, or semi-hard.")
 flags.DEFINE_float("margin", 2.1, "Triplet margin alpha.")
-flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
-flags.DEFINE_list("lr_boundaries", ["6000"], "Steps where the lr is multiplied by lr_decay.")
-flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay on conv kernels.")
+flagdefs.define_optimizer_flags(lr_boundaries=[6000])
 flags.mark_flag_as_required("workdir")
 
 
@@ -69,11 +65,8 @@ def main(argv):
         config = tuner.TuneConfig(
             backbone=FLAGS.backbone, width=FLAGS.width, input_mode=FLAGS.input_mode,
             init=FLAGS.init, triplet_mode=FLAGS.triplet_mode, margin=FLAGS.margin,
-            learning_rate=FLAGS.learning_rate,
-            lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-            lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile,
-            graph_scope=FLAGS.graph_scope, precision=FLAGS.precision)
+            seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, graph_scope=FLAGS.graph_scope,
+            precision=FLAGS.precision, **flagdefs.optimizer_kwargs_from_flags())
         config.validate()
         pairs, info = flagdefs.dataset_from_flags()
         background = FLAGS.background_class

@@ -40,12 +40,9 @@ flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network)
 flags.DEFINE_string("init", "random",
                     "random (naive fine-tuning from scratch), or backbone weights: an M&M "
                     "run's backbone.weights.h5, or proxy-task weights (.weights.h5/.npz).")
-flags.DEFINE_float("learning_rate", 0.01, "Base learning rate.")
-flags.DEFINE_list("lr_boundaries", ["24000", "36000"],
-                  "Optimizer updates where the lr is multiplied by lr_decay.")
-flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 weight decay on conv/dense kernels.")
+flagdefs.define_optimizer_flags(lr_boundaries=[24000, 36000],
+                                boundary_unit="Optimizer updates",
+                                decay_on="conv/dense kernels")
 flags.DEFINE_integer("iter_size", 2,
                      "Micro-batches of --batch_size images per optimizer update (Caffe's "
                      "iter_size; gradients averaged). --steps counts updates.")
@@ -83,13 +80,10 @@ def main(argv):
             num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
         config = segmenter.SegConfig(
             backbone=FLAGS.backbone, head=FLAGS.head, width=FLAGS.width,
-            input_mode=FLAGS.input_mode, init=FLAGS.init, learning_rate=FLAGS.learning_rate,
-            lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-            lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
-            weight_decay=FLAGS.weight_decay, iter_size=FLAGS.iter_size,
+            input_mode=FLAGS.input_mode, init=FLAGS.init, iter_size=FLAGS.iter_size,
             class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
             jit_compile=FLAGS.jit_compile, bn_recompute_batches=FLAGS.bn_recompute_batches,
-            precision=FLAGS.precision)
+            precision=FLAGS.precision, **flagdefs.optimizer_kwargs_from_flags())
         # Where bin/evaluate.py finds the evaluation data by default.
         data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),
                 "split": FLAGS.eval_split, "num_classes": FLAGS.num_classes,
