@@ -3,26 +3,13 @@ summary.json from the saved model, writes palette PNG predictions named after th
 images, accepts --weights + --model_config, and reports bad input in one line."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(binary, *args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, binary, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
+from testutil import last_json, run_binary  # tests/ is on sys.path (prepend import mode)
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +17,20 @@ def run(tmp_path_factory):
     """A short bin/train_seg.py run on the demo data: (workdir, summary)."""
     root = tmp_path_factory.mktemp("evaluate")
     workdir = root / "seg"
-    result = _run("bin/train_seg.py", "--flagfile=flags/demo_seg.flags",
-                  f"--data_dir={root / 'data'}", f"--workdir={workdir}", "--steps=6",
-                  "--log_every=3", "--checkpoint_every=3", "--image_every=0",
-                  "--lr_boundaries=3", "--batch_size=2", "--iter_size=2", "--crop_size=64",
-                  "--width=0.0625", "--bn_recompute_batches=2", "--verbose=0")
+    result = run_binary("bin/train_seg.py", "--flagfile=flags/demo_seg.flags",
+                        f"--data_dir={root / 'data'}", f"--workdir={workdir}", "--steps=6",
+                        "--log_every=3", "--checkpoint_every=3", "--image_every=0",
+                        "--lr_boundaries=3", "--batch_size=2", "--iter_size=2", "--crop_size=64",
+                        "--width=0.0625", "--bn_recompute_batches=2", "--verbose=0")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, json.loads((workdir / "summary.json").read_text())
 
 
 def test_reproduces_the_summary_miou_exactly(run):
     workdir, summary = run
-    result = _run("bin/evaluate.py", f"--workdir={workdir}", "--json")
+    result = run_binary("bin/evaluate.py", f"--workdir={workdir}", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = _last_json(result.stdout)
+    scores = last_json(result.stdout)
     assert scores["miou"] == summary["eval"]["miou"]
     assert scores["confusion_matrix"] == summary["eval"]["confusion_matrix"]
     assert scores["num_images"] == summary["eval"]["num_images"] > 0
@@ -55,11 +42,11 @@ def test_reproduces_the_summary_miou_exactly(run):
 def test_predictions_are_palette_pngs_named_after_the_images(run, tmp_path):
     workdir, _ = run
     out = tmp_path / "pred"
-    result = _run("bin/evaluate.py", f"--weights={workdir / 'model.weights.h5'}",
-                  f"--model_config={workdir / 'model_config.json'}", "--max_images=3",
-                  "--flip", "--scales=0.75,1.0", f"--predictions_dir={out}", "--json")
+    result = run_binary("bin/evaluate.py", f"--weights={workdir / 'model.weights.h5'}",
+                        f"--model_config={workdir / 'model_config.json'}", "--max_images=3",
+                        "--flip", "--scales=0.75,1.0", f"--predictions_dir={out}", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = _last_json(result.stdout)
+    scores = last_json(result.stdout)
     assert scores["num_images"] == 3
     model_config = json.loads((workdir / "model_config.json").read_text())
     val_ids = (pathlib.Path(model_config["data"]["data_dir"]) / "ImageSets" /
@@ -79,8 +66,8 @@ def test_predictions_are_palette_pngs_named_after_the_images(run, tmp_path):
 
 def test_sliding_window_runs(run):
     workdir, _ = run
-    result = _run("bin/evaluate.py", f"--workdir={workdir}", "--window=64", "--stride=32",
-                  "--max_images=2")
+    result = run_binary("bin/evaluate.py", f"--workdir={workdir}", "--window=64", "--stride=32",
+                        "--max_images=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mIoU" in result.stdout and "background" in result.stdout
 
@@ -94,7 +81,7 @@ def test_sliding_window_runs(run):
 def test_bad_input_is_one_clear_line(run, tmp_path, args, needle):
     workdir, _ = run
     args = [a.format(empty=tmp_path, run=workdir) for a in args]
-    result = _run("bin/evaluate.py", *args)
+    result = run_binary("bin/evaluate.py", *args)
     assert result.returncode != 0
     assert needle in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -106,8 +93,8 @@ def test_weights_of_another_model_are_one_clear_line(run, tmp_path):
     model_config["width"] = 0.25
     wider = tmp_path / "model_config.json"
     wider.write_text(json.dumps(model_config))
-    result = _run("bin/evaluate.py", f"--weights={workdir / 'model.weights.h5'}",
-                  f"--model_config={wider}")
+    result = run_binary("bin/evaluate.py", f"--weights={workdir / 'model.weights.h5'}",
+                        f"--model_config={wider}")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not fit" in errors[0] and "conv" in errors[0], \

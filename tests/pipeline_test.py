@@ -1,7 +1,6 @@
 """Tests of mm_tf.data.pipeline (and the preview of its batches) on tiny generated data."""
 
 import io
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,32 +9,8 @@ from PIL import Image
 
 from mm_tf import common
 from mm_tf.data import pipeline, preview, synthetic
-from mm_tf.data.datasets import DatasetInfo, bit_colormap
-
-
-def demo_info(label_lut=None) -> DatasetInfo:
-    """The demo's DatasetInfo, built directly (identity LUT unless one is given)."""
-    if label_lut is None:
-        label_lut = np.full(256, 255, np.uint8)
-        label_lut[: synthetic.NUM_CLASSES] = np.arange(synthetic.NUM_CLASSES)
-    return DatasetInfo(
-        name="demo",
-        num_classes=synthetic.NUM_CLASSES,
-        ignore_label=255,
-        class_names=synthetic.CLASS_NAMES,
-        palette=synthetic.PALETTE,
-        background_class=0,
-        label_lut=np.asarray(label_lut, np.uint8),
-    )
-
-
-def demo_pairs(root: pathlib.Path, split: str):
-    """(image, label) path pairs of a generated demo split, in list order."""
-    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-    return [
-        (str(root / "JPEGImages" / f"{i}.png"), str(root / "SegmentationClass" / f"{i}.png"))
-        for i in ids
-    ]
+from mm_tf.data.datasets import bit_colormap
+from testutil import demo_info, demo_pairs  # tests/ is on sys.path (prepend import mode)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,7 @@ submission ids."""
 
 import json
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -22,17 +19,7 @@ from mm_tf import segmenter
 from mm_tf.data import datasets
 from mm_tf.models import heads
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(binary, *args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, binary, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
+from testutil import last_json, run_binary  # tests/ is on sys.path (prepend import mode)
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +68,13 @@ def _miou(pairs, info, label_dir):
 
 
 def test_prediction_pngs_score_the_evaluate_miou(setup, tmp_path):
-    result = _run("bin/evaluate.py", f"--workdir={setup['run']}", "--json")
+    result = run_binary("bin/evaluate.py", f"--workdir={setup['run']}", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = _last_json(result.stdout)
+    scores = last_json(result.stdout)
     out = tmp_path / "single"
-    result = _run("bin/predict.py", f"--model={setup['saved']}", f"--inputs={setup['inputs']}",
-                  f"--output_dir={out}", "--batch_size=3", "--noprogress")
+    result = run_binary("bin/predict.py", f"--model={setup['saved']}",
+                        f"--inputs={setup['inputs']}",
+                        f"--output_dir={out}", "--batch_size=3", "--noprogress")
     assert result.returncode == 0, result.stderr[-3000:]
     miou, matrix = _miou(setup["pairs"], setup["info"], out / "labels")
     assert len(np.flatnonzero(matrix.sum(0))) > 1  # Not one class everywhere.
@@ -108,10 +96,10 @@ def test_prediction_pngs_score_the_evaluate_miou(setup, tmp_path):
     listing.write_text("# image label\n" + "".join(
         f"{os.path.relpath(image, tmp_path)} {label}\n" for image, label in setup["pairs"]))
     ensemble = tmp_path / "ensemble"
-    result = _run("bin/predict.py", f"--model={setup['saved']}", f"--model={setup['saved']}",
-                  f"--inputs={listing}", f"--output_dir={ensemble}", "--nooverlays",
-                  "--batch_size=3",
-                  "--noprogress")
+    result = run_binary("bin/predict.py", f"--model={setup['saved']}", f"--model={setup['saved']}",
+                        f"--inputs={listing}", f"--output_dir={ensemble}", "--nooverlays",
+                        "--batch_size=3",
+                        "--noprogress")
     assert result.returncode == 0, result.stderr[-3000:]
     for image, _ in setup["pairs"]:
         name = os.path.splitext(os.path.basename(image))[0] + ".png"

@@ -10,32 +10,8 @@ from PIL import Image
 
 from mm_tf import common
 from mm_tf.data import pipeline, synthetic, tfrecords
-from mm_tf.data.datasets import DatasetInfo
 from mm_tf.data.errors import DatasetError
-
-
-def demo_info() -> DatasetInfo:
-    """The demo's DatasetInfo, built directly (identity LUT)."""
-    lut = np.full(256, 255, np.uint8)
-    lut[: synthetic.NUM_CLASSES] = np.arange(synthetic.NUM_CLASSES)
-    return DatasetInfo(
-        name="demo",
-        num_classes=synthetic.NUM_CLASSES,
-        ignore_label=255,
-        class_names=synthetic.CLASS_NAMES,
-        palette=synthetic.PALETTE,
-        background_class=0,
-        label_lut=lut,
-    )
-
-
-def demo_pairs(root: pathlib.Path, split: str):
-    """(image, label) path pairs of a generated demo split, in list order."""
-    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-    return [
-        (str(root / "JPEGImages" / f"{i}.png"), str(root / "SegmentationClass" / f"{i}.png"))
-        for i in ids
-    ]
+from testutil import demo_info, demo_pairs  # tests/ is on sys.path (prepend import mode)
 
 
 def take(ds, n):

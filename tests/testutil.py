@@ -1,0 +1,52 @@
+"""Helpers shared by the tests: run a binary in a subprocess, read its JSON line, and the
+demo data set's DatasetInfo and file pairs built without the reader."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from mm_tf.data import synthetic
+from mm_tf.data.datasets import DatasetInfo
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_binary(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python script args...` from the repo root with quiet TF logs; captures text."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a binary prints as its last line (its --json output)."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def demo_info(label_lut=None) -> DatasetInfo:
+    """The demo's DatasetInfo, built directly (identity LUT unless one is given)."""
+    if label_lut is None:
+        label_lut = np.full(256, 255, np.uint8)
+        label_lut[: synthetic.NUM_CLASSES] = np.arange(synthetic.NUM_CLASSES)
+    return DatasetInfo(
+        name="demo",
+        num_classes=synthetic.NUM_CLASSES,
+        ignore_label=255,
+        class_names=synthetic.CLASS_NAMES,
+        palette=synthetic.PALETTE,
+        background_class=0,
+        label_lut=np.asarray(label_lut, np.uint8),
+    )
+
+
+def demo_pairs(root: pathlib.Path, split: str):
+    """(image, label) path pairs of a generated demo split, in list order."""
+    ids = (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+    return [
+        (str(root / "JPEGImages" / f"{i}.png"), str(root / "SegmentationClass" / f"{i}.png"))
+        for i in ids
+    ]
