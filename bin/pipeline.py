@@ -6,6 +6,11 @@ once; finished stages are skipped on a rerun, so a killed pipeline continues.
 
   python bin/pipeline.py --flagfile=flags/demo.flags --workdir=work/demo/pipeline
   python bin/pipeline.py --flagfile=flags/camvid_cpu.flags --workdir=work/camvid_cpu
+
+--strategy/--num_cpu_devices/--precision/--jit_compile go to the M&M and fine-tuning
+stages (--graph_scope to M&M). With --strategy=multi_worker run the same command on every
+machine with its TF_CONFIG: all workers train together; proxy pre-training, evaluation
+and the report run on the chief (docs/distributed.md).
 """
 
 import os
@@ -26,7 +31,24 @@ flags.DEFINE_multi_string("stage_arg", [], "Extra argument for every stage (repe
                           "e.g. --stage_arg=--data_dir=/data/camvid.")
 flags.DEFINE_multi_string("overlay", [], "Flagfile appended to every stage (repeatable), "
                           "e.g. --overlay=flags/smoke.flags.")
+flagdefs.define_distribution_flags()
+flags.DEFINE_bool("jit_compile", None, "Compile the M&M and fine-tuning steps with XLA "
+                  "(unset: as their flagfiles say).")
+flags.DEFINE_enum("graph_scope", None, ["global", "replica"],
+                  "M&M graph over the global batch or per replica (unset: the M&M "
+                  "flagfile's, else global).")
 flags.mark_flag_as_required("workdir")
+
+
+def _distribution_args():
+    """The distribution flags given on the command line, as stage arguments."""
+    args = []
+    for name in ("strategy", "num_cpu_devices", "precision", "jit_compile"):
+        if FLAGS[name].present:
+            value = FLAGS[name].value
+            args.append(f"--{name}" if value is True else
+                        f"--no{name}" if value is False else f"--{name}={value}")
+    return tuple(args)
 
 
 def main(argv):
@@ -40,11 +62,16 @@ def main(argv):
         arms=tuple(FLAGS.arms), workdir=FLAGS.workdir, mm_flagfile=FLAGS.mm_flagfile,
         seg_flagfile=FLAGS.seg_flagfile, proxy_flagfiles=proxies,
         imagenet_weights=FLAGS.imagenet_weights, stage_args=tuple(FLAGS.stage_arg),
-        overlays=tuple(FLAGS.overlay), repo_root=str(flagdefs.REPO_ROOT))
+        overlays=tuple(FLAGS.overlay), distribution=_distribution_args(),
+        mm_args=(f"--graph_scope={FLAGS.graph_scope}",) if FLAGS.graph_scope else (),
+        repo_root=str(flagdefs.REPO_ROOT))
     try:
         report = experiment.run(config)
     except (ConfigError, experiment.PipelineError) as e:
         flagdefs.fail(str(e))
+    if report is None:
+        print("this worker's stages are done; the chief writes the report")
+        return
     workdir = os.path.abspath(FLAGS.workdir)
     for name, arm in report["arms"].items():
         print(f"{name:>24s}: mIoU {100 * arm['miou']:.1f}%  ({arm['seconds']:.0f}s)")

@@ -10,6 +10,12 @@ Each stage is one run of a repo binary in its own process (memory is returned be
 stages, and each binary keeps its own checkpoints), with its output in its own folder.
 A stage whose output file exists is skipped, so a killed pipeline rerun with the same
 command continues where it stopped; a stage killed midway resumes from its checkpoints.
+
+Distribution (`PipelineConfig.distribution`, e.g. `--strategy=mirrored`) applies to the
+M&M and fine-tuning stages. Under `--strategy=multi_worker` the same pipeline command runs
+on every machine (its `TF_CONFIG` names the task): every worker joins the M&M and
+fine-tuning stages, while proxy pre-training, evaluation and the reports run on the chief
+alone and the other workers wait for their outputs in the shared work folder.
 """
 
 from __future__ import annotations
@@ -76,8 +82,12 @@ class PipelineConfig:
       stage_args: extra arguments for every stage (e.g. --data_dir=...).
       overlays: flagfiles appended to every stage (e.g. flags/smoke.flags); flags a stage
         does not define are ignored by it (absl --undefok).
+      distribution: flags of the M&M and fine-tuning stages' distribution, e.g.
+        ("--strategy=mirrored", "--num_cpu_devices=2") (see docs/distributed.md).
+      mm_args: extra arguments of the M&M stages only (e.g. --graph_scope=replica).
       python: interpreter that runs the stage binaries.
       repo_root: folder holding bin/.
+      poll_seconds: how often a non-chief worker looks for the chief's stage outputs.
     """
 
     arms: tuple
@@ -88,8 +98,11 @@ class PipelineConfig:
     imagenet_weights: Optional[str] = None
     stage_args: tuple = ()
     overlays: tuple = ()
+    distribution: tuple = ()
+    mm_args: tuple = ()
     python: str = sys.executable
     repo_root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    poll_seconds: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +213,15 @@ def plan(config: PipelineConfig):
                 f"mm/{arm.init}_{arm.mm_mode}", "mm", folder,
                 ("bin/train_mm.py", f"--flagfile={config.mm_flagfile}",
                  f"--init={init_weights}", f"--triplet_mode={arm.mm_mode}", *network_args,
-                 f"--workdir={folder}", *extra), os.path.join(folder, "summary.json")))
+                 f"--workdir={folder}", *extra, *config.distribution, *config.mm_args),
+                os.path.join(folder, "summary.json")))
             seg_init = os.path.join(folder, "backbone.weights.h5")
         seg_dir = os.path.join(root, "seg", chain)
         keys["seg"] = add(Stage(
             f"seg/{chain}", "seg", seg_dir,
             ("bin/train_seg.py", f"--flagfile={config.seg_flagfile}", f"--init={seg_init}",
-             *network_args, f"--workdir={seg_dir}", *extra), os.path.join(seg_dir, "summary.json")))
+             *network_args, f"--workdir={seg_dir}", *extra, *config.distribution),
+            os.path.join(seg_dir, "summary.json")))
         keys["eval"] = add(Stage(
             f"eval/{chain}", "eval", seg_dir,
             ("bin/evaluate.py", f"--workdir={seg_dir}", "--json"),
@@ -255,12 +270,42 @@ def _run_stage(stage: Stage, config: PipelineConfig) -> float:
     return seconds
 
 
+# Stages every worker of a multi-worker run takes part in; the others run on the chief.
+DISTRIBUTED_KINDS = ("mm", "seg")
+
+
+def is_chief_task(environ=None) -> bool:
+    """Whether this process is the chief of the cluster in TF_CONFIG (no TF_CONFIG: yes).
+    The chief is task "chief", or worker 0 when the cluster has no "chief" task."""
+    raw = (os.environ if environ is None else environ).get("TF_CONFIG")
+    if not raw:
+        return True
+    try:
+        tf_config = json.loads(raw)
+        task = tf_config.get("task", {})
+        kind, index = task.get("type"), int(task.get("index", 0))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(f"TF_CONFIG is not a JSON object with a task: {e}") from None
+    if "chief" in tf_config.get("cluster", {}):
+        return kind == "chief"
+    return kind == "worker" and index == 0
+
+
+def _wait_for_chief(stage: Stage, config: PipelineConfig, log) -> None:
+    """Blocks until the chief has written `stage`'s output (multi-worker, non-chief)."""
+    log(f"waiting for the chief to finish {stage.key} ({stage.output})")
+    while not os.path.isfile(stage.output):
+        time.sleep(config.poll_seconds)
+
+
 def run(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
     """Runs every stage not yet done, then writes report.json and report.md; returns the
-    report dict. Raises PipelineError when a stage fails (finished stages stay done)."""
+    report dict (None on a non-chief worker of a multi-worker run, which writes no
+    report). Raises PipelineError when a stage fails (finished stages stay done)."""
     from mm_tf import report as report_lib  # pylint: disable=import-outside-toplevel
 
     stages, arm_stages = plan(config)
+    chief = is_chief_task()
     seconds = {s.key: _stage_seconds(s) for s in stages if os.path.isfile(s.output)}
     started = time.time()
     for index, stage in enumerate(stages, 1):
@@ -268,10 +313,18 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
         if os.path.isfile(stage.output):
             log(f"{prefix}: done already, skipped")
             continue
+        if not chief and stage.kind not in DISTRIBUTED_KINDS:
+            _wait_for_chief(stage, config, log)
+            continue
         log(f"{prefix}: running (elapsed {_format_seconds(time.time() - started)}"
             f"{_eta(stages[index - 1:], seconds)})")
         seconds[stage.key] = _run_stage(stage, config)
+        if not chief:
+            # The chief writes the outputs the next stage reads after the last step.
+            _wait_for_chief(stage, config, log)
         log(f"{prefix}: finished in {_format_seconds(seconds[stage.key])}")
+    if not chief:
+        return None
     report = report_lib.build_report(config, arm_stages, {s.key: s for s in stages}, seconds)
     report_lib.write_reports(report, os.path.abspath(config.workdir))
     return report

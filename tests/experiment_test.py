@@ -2,6 +2,7 @@
 missing flagfiles are clear errors, report.md carries the delta over the naive twin."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -63,6 +64,70 @@ def test_overlays_pass_undefok(tmp_path):
     assert undefok and "patch_size" in undefok[0] and "steps" in undefok[0]
 
 
+def test_distribution_flags_reach_the_training_stages_only(tmp_path):
+    stages, _ = experiment.plan(_config(
+        tmp_path, ["colorization+mm"],
+        distribution=("--strategy=mirrored", "--num_cpu_devices=2"),
+        mm_args=("--graph_scope=replica",)))
+    by_kind = {s.kind: s.command for s in stages}
+    for kind in ("mm", "seg"):
+        assert "--strategy=mirrored" in by_kind[kind] and "--num_cpu_devices=2" in by_kind[kind]
+    for kind in ("proxy", "eval"):
+        assert not any(a.startswith("--strategy") for a in by_kind[kind])
+    assert "--graph_scope=replica" in by_kind["mm"]
+    assert not any(a.startswith("--graph_scope") for a in by_kind["seg"])
+
+
+@pytest.mark.parametrize("tf_config,chief", [
+    (None, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}},
+     True),
+    ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker", "index": 0}},
+     False),
+])
+def test_is_chief_task(tf_config, chief):
+    environ = {} if tf_config is None else {"TF_CONFIG": json.dumps(tf_config)}
+    assert experiment.is_chief_task(environ) is chief
+
+
+def test_bad_tf_config_names_it():
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        experiment.is_chief_task({"TF_CONFIG": "[1, 2]"})
+
+
+def test_non_chief_worker_trains_and_waits_for_the_chief(tmp_path, monkeypatch):
+    # A non-chief worker runs only the distributed stages (M&M, fine-tuning) and waits for
+    # the chief's outputs of the others; "the chief" here is the log callback, which
+    # writes each awaited output when the worker starts waiting for it.
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}))
+    calls = tmp_path / "calls.txt"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/sh\necho "$1" >> {calls}\n')
+    fake_python.chmod(0o755)
+    config = _config(tmp_path / "pipeline", ["colorization+mm"],
+                     distribution=("--strategy=multi_worker",), python=str(fake_python),
+                     poll_seconds=0.01)
+    stages, _ = experiment.plan(config)
+    outputs = {s.key: s.output for s in stages}
+    awaited = []
+
+    def chief(message):
+        if message.startswith("waiting for the chief to finish "):
+            key = message.split()[6]
+            awaited.append(key)
+            pathlib.Path(outputs[key]).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(outputs[key]).write_text("{}")
+
+    assert experiment.run(config, log=chief) is None
+    assert calls.read_text().split() == ["bin/train_mm.py", "bin/train_seg.py"]
+    assert awaited == ["proxy/colorization", "mm/colorization_graph",
+                       "seg/colorization+mm_graph", "eval/colorization+mm_graph"]
+    assert not (tmp_path / "pipeline" / "report.md").exists()
+
+
 @pytest.mark.parametrize("arms,kwargs,needle", [
     (["colorization"], {"proxy_flagfiles": {}}, "--colorization_flagfile"),
     (["imagenet"], {}, "--imagenet_weights"),
@@ -107,7 +172,10 @@ def test_pipeline_binary_writes_reports_and_skips_finished_stages(tmp_path, smal
     root = pathlib.Path(__file__).resolve().parents[1]
     command = [sys.executable, "bin/pipeline.py", "--flagfile=flags/demo.flags",
                "--arms=random,random+mm", f"--workdir={tmp_path / 'pipe'}",
-               "--overlay=flags/smoke.flags", f"--stage_arg=--data_dir={small_demo_dir}"]
+               "--overlay=flags/smoke.flags", f"--stage_arg=--data_dir={small_demo_dir}",
+               # The training stages on two logical CPU devices: the pipeline's
+               # distribution flags reach them (smoke batches of 2 split 1 + 1).
+               "--strategy=mirrored", "--num_cpu_devices=2"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     first = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
                            timeout=600)
@@ -119,6 +187,9 @@ def test_pipeline_binary_writes_reports_and_skips_finished_stages(tmp_path, smal
         assert 0.0 <= arm["miou"] <= 1.0 and arm["seconds"] > 0
         assert set(arm["per_class_iou"]) >= {"background"}
     assert report["arms"]["random+mm"]["stages"]["mm"]["key"] == "mm/random_graph"
+    mm_summary = json.loads((tmp_path / "pipe" / "mm" / "random_graph" / "summary.json")
+                            .read_text())
+    assert mm_summary["num_replicas"] == 2 and mm_summary["strategy"] == "mirrored"
     markdown = (tmp_path / "pipe" / "report.md").read_text()
     assert "vs `random`" in markdown and (tmp_path / "pipe" / "report_miou.png").is_file()
     again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
