@@ -99,13 +99,14 @@ class LinearSeg(keras.Model):
         return self.dense(images)
 
 
-def segmenter_steps(strategy, compile_replica_step):
-    """Weights after 2 Segmenter updates (iter_size 2) on a fixed batch of 8 images."""
+def segmenter_steps(strategy, compile_replica_step, iter_size=2):
+    """Weights after 2 Segmenter updates (of `iter_size` micro-batches) on a fixed batch
+    of 8 images."""
     rng = np.random.default_rng(0)
     batch = {common.IMAGE: rng.normal(size=(8, 5, 5, 3)).astype(np.float32),
              common.LABEL: rng.integers(0, 4, size=(8, 5, 5)).astype(np.int32)}
     with strategy.scope():
-        model = seg.Segmenter(LinearSeg(), weight_decay=0.01, iter_size=2,
+        model = seg.Segmenter(LinearSeg(), weight_decay=0.01, iter_size=iter_size,
                               compile_replica_step=compile_replica_step)
         model.compile(optimizer=training.make_sgd(0.1, (2,), 0.1, 0.9))
     model.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=2, epochs=1,
@@ -153,6 +154,10 @@ def main():
                          "update_difference": _relative_difference(reference, updates)}
     results["segmenter_xla_difference"] = _relative_difference(
         segmenter_steps(default, False), segmenter_steps(MIRRORED, True))
+    # Two replicas accumulating 2 micro-batches of 2 images each = one device's update
+    # on the whole batch of 8 in one pass.
+    results["segmenter_accumulation_difference"] = _relative_difference(
+        segmenter_steps(default, False, iter_size=1), segmenter_steps(MIRRORED, False))
     results["float16_skipped_step"] = float16_skip_counts(MIRRORED)
     # One device: the two scopes are the same step.
     logs, updates = one_step(default, "replica", initial)

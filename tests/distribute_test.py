@@ -119,6 +119,10 @@ def test_per_replica_xla_segmenter_step_is_the_one_device_step(two_devices):
     assert two_devices["segmenter_xla_difference"] < 1e-5
 
 
+def test_two_replicas_with_accumulation_equal_one_device_on_the_global_batch(two_devices):
+    assert two_devices["segmenter_accumulation_difference"] < 1e-5
+
+
 def test_float16_skipped_step_counts_under_two_replicas(two_devices):
     assert two_devices["float16_skipped_step"] == [1, True]
 

@@ -3,9 +3,6 @@ accumulation equal to one big-batch step, a seeded fine-tune on the demo data th
 the majority-class baseline, resume, and the saved model reloading to the same scores."""
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -26,7 +23,6 @@ from mm_tf.models import backbones
 from mm_tf.models import weights as weights_lib
 
 IGNORE = common.IGNORE_LABEL
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_median_frequency_weights_by_hand():
@@ -81,49 +77,6 @@ def test_accumulating_two_micro_batches_equals_one_step_on_the_big_batch():
         np.testing.assert_allclose(float(logs_small["loss"]), float(logs_big["loss"]),
                                    rtol=1e-5)
     assert float(small.optimizer.learning_rate) == pytest.approx(0.01)
-
-
-# Two logical CPUs must be configured before any op runs: a fresh process.
-_MIRRORED = """
-import numpy as np, tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-from mm_tf import common, training, segmenter as seg
-class LinearSeg(keras.Model):
-    train_with_sampling = False
-    def __init__(self):
-        super().__init__()
-        self.num_classes = 4
-        self.dense = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(7))
-        self.dense.build((None, 3))
-        self.built = True
-    def call(self, images, training=None):
-        return self.dense(images)
-rng = np.random.default_rng(0)
-batch = {common.IMAGE: rng.normal(size=(8, 5, 5, 3)).astype(np.float32),
-         common.LABEL: rng.integers(0, 4, size=(8, 5, 5)).astype(np.int32)}
-def run(strategy, iter_size):
-    with strategy.scope():
-        model = seg.Segmenter(LinearSeg(), weight_decay=0.01, iter_size=iter_size)
-        model.compile(optimizer=training.make_sgd(0.1, (2,), 0.1, 0.9))
-    ds = tf.data.Dataset.from_tensors(batch).repeat()
-    history = model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0).history
-    return [v.numpy() for v in model.network.weights], history
-mirrored, logs_m = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 2)
-single, logs_s = run(tf.distribute.get_strategy(), 1)
-print(max(float(np.abs(a - b).max()) for a, b in zip(mirrored, single)),
-      abs(logs_m["loss"][0] - logs_s["loss"][0]))
-"""
-
-
-def test_two_replicas_with_accumulation_equal_one_device_on_the_global_batch():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, "-c", _MIRRORED], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    weight_diff, loss_diff = map(float, result.stdout.split()[-2:])
-    assert weight_diff < 1e-5 and loss_diff < 1e-5
 
 
 def test_train_step_logs_and_excludes_ignore_pixels_from_metrics():
