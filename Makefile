@@ -16,12 +16,15 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(PY) bin/demo.py --workdir=$(WORKDIR)
 
+# One worker per core; test files stay whole on one worker (their module fixtures run once).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: $(VENV)/.installed
 	$(PY) bench/input_pipeline.py --json
 	$(PY) bench/mm_step.py --json
+	$(PY) bench/graph_bench.py --json
+	$(PY) bench/scaling.py --json
 
 clean-venv:
 	rm -rf $(VENV)
