@@ -296,7 +296,11 @@ def _count_classes(labels, valid):
 
 
 def build_backbone_from(config: TuneConfig) -> keras.Model:
-    """Builds the backbone of `config` and loads `config.init` weights unless random."""
+    """Builds the backbone of `config` and loads `config.init` weights unless random; a
+    random init is drawn after seeding Keras with `config.seed`, so the starting point of
+    a run can be rebuilt (the "before M&M" figures do)."""
+    if config.init == "random":
+        keras.utils.set_random_seed(config.seed)
     backbone = backbones.build_backbone(config.backbone, input_mode=config.input_mode,
                                         width=config.width)
     if config.init != "random":

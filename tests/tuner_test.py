@@ -2,6 +2,7 @@
 to pool5 move, coupled weight decay is in the total, and the run function resumes and
 writes the backbone weights and summary.json."""
 
+import dataclasses
 import json
 import os
 
@@ -122,3 +123,26 @@ def test_run_tuning_resumes_and_writes_outputs(tmp_path):
     assert os.path.isfile(summary["backbone_weights"])
     for key in ("loss", "triplet_loss", "active_fraction", "d_ap", "d_an"):
         assert np.isfinite(summary["metrics"][key])
+
+
+def test_random_init_is_the_seeded_draw_the_figures_rebuild(tmp_path):
+    # With lr 0 and no decay the trainable weights stay at the run's starting point, which
+    # must be build_backbone_from(config): the "before M&M" figures rebuild it from --seed.
+    data_dir = synthetic.generate_demo_dataset(str(tmp_path / "data"), num_train=4,
+                                               num_val=1)
+    pairs, info = datasets.read_dataset("demo", data_dir, "train")
+    config = tuner_lib.TuneConfig(width=0.0625, learning_rate=0.0, momentum=0.0,
+                                  weight_decay=0.0, seed=5, lr_boundaries=())
+    workdir = str(tmp_path / "mm")
+    keras.utils.set_random_seed(123)  # whatever the global state, the init is the seed's
+    tuner_lib.run_tuning(workdir, pairs, info, pipeline.InputConfig(crop_size=64, batch_size=2),
+                         MIX, config, training.LoopConfig(steps=1, log_every=1,
+                                                          image_every=0, verbose=0))
+    run = backbones.build_backbone("vgg16", width=0.0625)
+    run.load_weights(os.path.join(workdir, "backbone.weights.h5"))
+    rebuilt = tuner_lib.build_backbone_from(config)
+    for a, b in zip(run.trainable_weights, rebuilt.trainable_weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    other = tuner_lib.build_backbone_from(dataclasses.replace(config, seed=6))
+    assert not np.array_equal(other.trainable_weights[0].numpy(),
+                              rebuilt.trainable_weights[0].numpy())

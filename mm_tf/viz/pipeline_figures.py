@@ -7,11 +7,10 @@ workdir/figures/:
   tsne.png          pool5 features of a fixed set of val patches (mix step, fixed seed,
                     the M&M run's mix settings) before vs after M&M. "After" is the M&M
                     stage's backbone.weights.h5; "before" is its init: the proxy /
-                    ImageNet weights file, or for a random init a Glorot backbone built
-                    after `keras.utils.set_random_seed(<the M&M run's --seed>)`. That
-                    is a draw from the same distribution, not bit-for-bit the run's
-                    starting point: bin/train_mm.py does not seed Keras' initialisers
-                    and keeps no step-0 checkpoint.
+                    ImageNet weights file, or for a random init the run's own Glorot
+                    draw, rebuilt by `tuner.build_backbone_from` from the run's --seed
+                    (runs before this fix drew unseeded: their "before" is a draw from
+                    the same distribution only).
   qualitative.png   image | ground truth | naive | M&M for the val images where the two
                     arms' segmentation predictions differ most (each run's recorded
                     test-time options).
@@ -42,6 +41,7 @@ from mm_tf import files
 from mm_tf import mix as mix_lib
 from mm_tf import report as report_lib
 from mm_tf import segmenter
+from mm_tf import tuner as tuner_lib
 from mm_tf.data import datasets
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
@@ -126,14 +126,11 @@ def mm_summary(report: dict, arm: str) -> dict:
 
 def before_backbone(summary: dict) -> keras.Model:
     """The M&M stage's starting backbone (see module docstring for a random init)."""
-    tune = summary["config"]["tune"]
-    if tune["init"] == "random":
-        keras.utils.set_random_seed(int(tune["seed"]))
-    backbone = backbones.build_backbone(tune["backbone"], tune["input_mode"],
-                                        float(tune["width"]))
-    if tune["init"] != "random":
-        weights_lib.load_backbone_weights(backbone, tune["init"])
-    return backbone
+    fields = {f.name for f in dataclasses.fields(tuner_lib.TuneConfig)}
+    tune = {k: v for k, v in summary["config"]["tune"].items() if k in fields}
+    if "lr_boundaries" in tune:
+        tune["lr_boundaries"] = tuple(tune["lr_boundaries"])
+    return tuner_lib.build_backbone_from(tuner_lib.TuneConfig(**tune))
 
 
 def after_backbone(summary: dict) -> keras.Model:
