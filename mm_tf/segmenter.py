@@ -554,6 +554,7 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
                                    write_cache=chief)
     keras_jit = config.jit_compile and distribute.keras_can_jit(strategy)
     with training.precision_policy(config.precision), strategy.scope():
+        keras.utils.set_random_seed(config.seed)  # a rerun draws the same head (and init)
         network = build_network(config, info.num_classes)
         segmenter = Segmenter(network, weight_decay=config.weight_decay,
                               iter_size=config.iter_size, class_weights=class_weights,

@@ -280,6 +280,7 @@ def run_colorization(workdir: str, pairs, info, input_config: pipeline.InputConf
         raise ConfigError(f"--points_per_image must be >= 1, got {config.points_per_image}")
     os.makedirs(workdir, exist_ok=True)
     with strategy.scope():
+        keras.utils.set_random_seed(config.seed)  # a rerun starts from the same weights
         model = build_model(config)
         model.compile(optimizer=training.make_sgd(config.learning_rate, config.lr_boundaries,
                                                   config.lr_decay, config.momentum),

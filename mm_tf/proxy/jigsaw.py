@@ -385,6 +385,7 @@ def run_jigsaw(workdir: str, pairs, info, input_config: pipeline.InputConfig,
         raise ConfigError(str(e)) from None
     fc_units = config.fc_units or backbones.scaled_channels(4096, config.width)
     with strategy.scope():
+        keras.utils.set_random_seed(config.seed)  # a rerun starts from the same weights
         backbone = backbones.build_backbone(config.backbone, common.INPUT_RGB, config.width)
         model = JigsawModel(backbone, perms, puzzle, fc_units=fc_units,
                             dropout=config.dropout, weight_decay=config.weight_decay,
