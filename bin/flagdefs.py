@@ -6,6 +6,7 @@ nothing under `mm_tf/` reads flags.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -189,6 +190,22 @@ def loop_config_from_flags():
     return training.LoopConfig(steps=FLAGS.steps, log_every=FLAGS.log_every,
                                checkpoint_every=FLAGS.checkpoint_every,
                                image_every=FLAGS.image_every, verbose=FLAGS.verbose)
+
+
+@contextlib.contextmanager
+def training_errors_as_one_line():
+    """Turns what a user of a training binary can fix — bad data, flags or weights, a
+    diverged run — into one `error:` line and exit 2 instead of a traceback."""
+    # pylint: disable=import-outside-toplevel
+    from mm_tf import training
+    from mm_tf.data.errors import DatasetError
+    from mm_tf.errors import ConfigError
+    from mm_tf.models.weights import WeightsMismatchError
+    try:
+        yield
+    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
+            ConfigError) as e:
+        fail(str(e))
 
 
 def fail(message: str) -> None:

@@ -45,13 +45,9 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import training
-    from mm_tf.data.errors import DatasetError
-    from mm_tf.errors import ConfigError
-    from mm_tf.models.weights import WeightsMismatchError
     from mm_tf.proxy import jigsaw
 
-    try:
+    with flagdefs.training_errors_as_one_line():
         pairs, info = flagdefs.images_from_flags()
         config = jigsaw.JigsawConfig(
             backbone=FLAGS.backbone, width=FLAGS.width, tile_size=FLAGS.tile_size,
@@ -62,9 +58,6 @@ def main(argv):
         summary = jigsaw.run_jigsaw(FLAGS.workdir, pairs, info,
                                     flagdefs.input_config_from_flags(), config,
                                     flagdefs.loop_config_from_flags())
-    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
-            ConfigError) as e:
-        flagdefs.fail(str(e))
     print(f"jigsaw done: {summary['steps']} steps in {summary['seconds']:.1f}s; "
           f"{summary['num_permutations']} permutations (min Hamming distance "
           f"{summary['min_hamming_distance']}); backbone weights (rgb input): "

@@ -50,13 +50,9 @@ def main(argv):
     del argv
     # Imported here so --help is instant and flag errors come before TensorFlow loads.
     from mm_tf import mix as mix_lib
-    from mm_tf import training
     from mm_tf import tuner
-    from mm_tf.errors import ConfigError
-    from mm_tf.data.errors import DatasetError
-    from mm_tf.models.weights import WeightsMismatchError
 
-    try:
+    with flagdefs.training_errors_as_one_line():
         # First: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
         # Cheap checks next, so a wrong flag fails before any data is read.
@@ -81,9 +77,6 @@ def main(argv):
         summary = tuner.run_tuning(FLAGS.workdir, pairs, info,
                                    flagdefs.input_config_from_flags(), mix_config, config,
                                    loop, strategy=strategy)
-    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
-            ConfigError) as e:
-        flagdefs.fail(str(e))
     print(f"M&M tuning done: {summary['steps']} steps in {summary['seconds']:.1f}s on "
           f"{summary['num_replicas']} replica(s), {summary['graph_nodes']} nodes per graph; "
           f"backbone weights: {summary['backbone_weights']}")

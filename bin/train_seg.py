@@ -65,13 +65,9 @@ def main(argv):
     # Imported here so --help is instant and flag errors come before TensorFlow loads.
     from mm_tf import evaluation
     from mm_tf import segmenter
-    from mm_tf import training
     from mm_tf.data import datasets
-    from mm_tf.data.errors import DatasetError
-    from mm_tf.errors import ConfigError
-    from mm_tf.models.weights import WeightsMismatchError
 
-    try:
+    with flagdefs.training_errors_as_one_line():
         # First: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
         train_pairs, info = flagdefs.dataset_from_flags()
@@ -96,9 +92,6 @@ def main(argv):
             evaluation.InferenceConfig(scales=tuple(float(x) for x in FLAGS.eval_scales),
                                        window=FLAGS.eval_window, stride=FLAGS.eval_stride),
             data=data, strategy=strategy)
-    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
-            ConfigError) as e:
-        flagdefs.fail(str(e))
     print(f"segmentation done: {summary['steps']} steps in {summary['seconds']:.1f}s; "
           f"{FLAGS.eval_split} mIoU {100 * summary['eval']['miou']:.2f} "
           f"({summary['eval']['num_images']} images); model: {summary['model_weights']}")
