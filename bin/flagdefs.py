@@ -24,7 +24,8 @@ FLAGS = flags.FLAGS
 def define_data_flags(split_default: str = "train") -> None:
     """--dataset, --data_dir, --split and the generic list-file options."""
     flags.DEFINE_string("dataset", "demo",
-                        "voc | voc_aug | cityscapes | camvid | list | demo")
+                        "voc | voc_aug | cityscapes | camvid | list | demo | images "
+                        "(images without labels: proxy pre-training only)")
     flags.DEFINE_string("data_dir", "work/demo_data",
                         "Data set root. For --dataset=demo it is generated there if missing.")
     flags.DEFINE_string("split", split_default, "Split to read (train, val, ...).")

@@ -539,6 +539,9 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
       training.TrainingDivergedError: the loss became NaN/inf.
     """
     config.validate()
+    if not info.has_labels:
+        raise ConfigError(f"--dataset={info.name} has no labels; fine-tuning needs "
+                          "labelled images (image-only data serves the proxy tasks)")
     strategy = strategy or tf.distribute.get_strategy()
     os.makedirs(workdir, exist_ok=True)
     if config.input_mode != input_config.input_mode:

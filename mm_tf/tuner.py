@@ -324,6 +324,9 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
     summary dict.
     """
     config.validate()
+    if not info.has_labels:
+        raise ConfigError(f"--dataset={info.name} has no labels; M&M tuning needs labelled "
+                          "images (image-only data serves the proxy tasks)")
     # The gather-based crop exists for XLA (no CropAndResize kernel); in graph mode the
     # TF op is ~4x faster (measured), so the crop follows the compile mode.
     mix_config = dataclasses.replace(mix_config, use_gather_resize=config.jit_compile)

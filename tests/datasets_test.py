@@ -263,6 +263,39 @@ def test_list_reader_flag_errors(tmp_path):
 # ----------------------------------------------------------------------------- bad inputs
 
 
+def test_images_reader_folder_and_list(tmp_path):
+    # A folder of images at any depth (ImageNet's train/<synset>/*.JPEG), suffixes in any
+    # case; other files are not images.
+    write_image(tmp_path / "train" / "n01" / "a.JPEG", fmt="JPEG")
+    write_image(tmp_path / "train" / "n02" / "b.png")
+    (tmp_path / "train" / "n02" / "notes.txt").write_text("not an image")
+    pairs, info = read_dataset("images", tmp_path, "train")
+    assert [pathlib.Path(p).name for p, _ in pairs] == ["a.JPEG", "b.png"]
+    assert all(label == "" for _, label in pairs)
+    assert not info.has_labels and info.name == "images"
+    assert (info.label_lut == common.IGNORE_LABEL).all()
+    # Or a list of image paths relative to the list's folder (no split folder needed).
+    (tmp_path / "val.txt").write_text("train/n02/b.png\n# a comment\n")
+    pairs, _ = read_dataset("images", tmp_path, "val")
+    assert pairs == [(str(tmp_path / "train" / "n02" / "b.png"), "")]
+    # Image-only pairs check without labels: sizes counted, every pixel "ignore".
+    summary = check_dataset(pairs, info)
+    assert summary["num_bad_pairs"] == 0 and summary["ignore_pixels"] == H * W
+
+
+def test_images_reader_errors_name_the_cause(tmp_path):
+    with pytest.raises(DatasetError, match="test.txt"):
+        read_dataset("images", tmp_path, "test")
+    (tmp_path / "val.txt").write_text("missing.jpg\n")
+    with pytest.raises(DatasetError, match="val.txt:1.*missing.jpg"):
+        read_dataset("images", tmp_path, "val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty"):
+        read_dataset("images", tmp_path, "empty")
+    with pytest.raises(DatasetError, match="--num_classes"):
+        read_dataset("images", tmp_path, "empty", num_classes=3)
+
+
 def test_unknown_dataset_lists_known_names(tmp_path):
     with pytest.raises(DatasetError, match="voc_aug") as e:
         read_dataset("coco", tmp_path, "train")

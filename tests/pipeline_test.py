@@ -9,6 +9,7 @@ from PIL import Image
 
 from mm_tf import common
 from mm_tf.data import pipeline, preview, synthetic
+from mm_tf.data import datasets
 from mm_tf.data.datasets import bit_colormap
 from testutil import demo_info, demo_pairs  # tests/ is on sys.path (prepend import mode)
 
@@ -71,6 +72,19 @@ def test_train_batches_shapes_and_values(demo_root, input_mode, channels):
             batch[common.IMAGE],
             atol=0.51 if channels == 3 else 0.51 / 255,
         )
+
+
+def test_image_only_pairs_give_the_same_images_and_ignore_labels(demo_root):
+    # --dataset=images pairs have no label file: the images (and their augmentation) are
+    # those of the labelled pairs, every label pixel is ignore.
+    config = pipeline.InputConfig(seed=3, **SMALL)
+    pairs = demo_pairs(demo_root, "train")
+    labelled = take(pipeline.train_dataset(pairs, demo_info(), config), 2)
+    image_only = take(pipeline.train_dataset([(image, "") for image, _ in pairs],
+                                             datasets.images_info(), config), 2)
+    for a, b in zip(labelled, image_only):
+        np.testing.assert_array_equal(a[common.IMAGE], b[common.IMAGE])
+        assert (b[common.LABEL] == common.IGNORE_LABEL).all()
 
 
 def test_train_is_deterministic_per_seed(demo_root):

@@ -63,14 +63,18 @@ def runs(tmp_path_factory, data_dir):
     {"colorization": (workdir, summaries), "jigsaw": (workdir, summaries)}."""
     from mm_tf.data import synthetic  # pylint: disable=import-outside-toplevel
     synthetic.generate_demo_dataset(data_dir)  # Once, not by both binaries at once.
-    chains = {"colorization": ("pretrain_colorization", COLOR_TINY),
-              "jigsaw": ("pretrain_jigsaw", JIGSAW_TINY)}
+    # Jigsaw reads the same pictures as an image-only data set (--dataset=images): every
+    # image file below data_dir/JPEGImages, no labels.
+    chains = {"colorization": ("pretrain_colorization",
+                               [*COLOR_TINY, f"--data_dir={data_dir}"]),
+              "jigsaw": ("pretrain_jigsaw",
+                         [*JIGSAW_TINY, "--dataset=images", f"--data_dir={data_dir}",
+                          "--split=JPEGImages"])}
     with concurrent.futures.ThreadPoolExecutor(len(chains)) as pool:
         futures = {}
         for name, (binary, args) in chains.items():
             workdir = tmp_path_factory.mktemp(name)
-            futures[name] = (workdir, pool.submit(_train_twice, binary,
-                                                  [*args, f"--data_dir={data_dir}"], workdir))
+            futures[name] = (workdir, pool.submit(_train_twice, binary, args, workdir))
         return {name: (workdir, future.result()) for name, (workdir, future) in futures.items()}
 
 
@@ -122,6 +126,7 @@ def test_jigsaw_trains_resumes_and_keeps_its_permutations(jigsaw_run):
     perms = np.load(workdir / "permutations.npy")
     assert perms.shape == (10, 9)
     assert second["min_hamming_distance"] == first["min_hamming_distance"] >= 6
+    assert second["config"]["dataset"] == "images"
     assert (workdir / "backbone.weights.h5").is_file()
 
 

@@ -250,3 +250,10 @@ def test_invalid_config_names_the_flag():
         seg.SegConfig(class_weighting="inverse").validate()
     with pytest.raises(ConfigError, match="--iter_size"):
         seg.SegConfig(iter_size=0).validate()
+
+
+def test_image_only_data_is_refused_with_the_dataset_named(tmp_path):
+    with pytest.raises(ConfigError, match="--dataset=images has no labels"):
+        seg.run_segmentation(str(tmp_path), [("a.png", "")], [("a.png", "")],
+                             datasets.images_info(), pipeline.InputConfig(), seg.SegConfig(),
+                             training.LoopConfig(steps=1))

@@ -18,6 +18,7 @@ from mm_tf import tuner as tuner_lib
 from mm_tf.data import datasets
 from mm_tf.data import pipeline
 from mm_tf.data import synthetic
+from mm_tf.errors import ConfigError
 from mm_tf.models import backbones
 
 MIX = mix_lib.MixConfig(patches_per_image=4, patch_size=32, min_side=16, max_side=32,
@@ -146,3 +147,10 @@ def test_random_init_is_the_seeded_draw_the_figures_rebuild(tmp_path):
     other = tuner_lib.build_backbone_from(dataclasses.replace(config, seed=6))
     assert not np.array_equal(other.trainable_weights[0].numpy(),
                               rebuilt.trainable_weights[0].numpy())
+
+
+def test_image_only_data_is_refused_with_the_dataset_named():
+    with pytest.raises(ConfigError, match="--dataset=images has no labels"):
+        tuner_lib.run_tuning("/nonexistent", [("a.png", "")], datasets.images_info(),
+                             pipeline.InputConfig(), MIX, tuner_lib.TuneConfig(),
+                             training.LoopConfig(steps=1))

@@ -3,7 +3,8 @@
 `read_dataset(name, data_dir, split)` returns the (image, label) path pairs of a split and
 a `DatasetInfo` saying how to interpret the label files: the raw label values of every
 data set are mapped to train ids through `DatasetInfo.label_lut`, with
-`common.IGNORE_LABEL` (255) for void/unlabelled pixels.
+`common.IGNORE_LABEL` (255) for void/unlabelled pixels. The `images` reader gives images
+without labels (label path "", `DatasetInfo.has_labels` False) for the proxy tasks.
 
 `check_dataset(pairs, info)` decodes every pair with PIL/numpy and reports all the
 problems it finds (corrupt files, size mismatches, unexpected label values) together
@@ -68,6 +69,8 @@ class DatasetInfo:
         background_class: train id of "background" (VOC 0), or None.
         label_lut: uint8 [256]: raw label value -> train id, `common.IGNORE_LABEL` for
             void, ignored or unknown values.
+        has_labels: False for image-only data sets (`--dataset=images`), whose pairs have
+            an empty label path: usable by the proxy tasks only.
 
     Example:
         train_ids = info.label_lut[np.asarray(Image.open(label_path))]  # [H, W] uint8
@@ -80,6 +83,7 @@ class DatasetInfo:
     palette: np.ndarray
     background_class: Optional[int]
     label_lut: np.ndarray
+    has_labels: bool = True
 
     def __post_init__(self):
         """Checks the shapes and freezes the arrays (a frozen dataclass must not mutate)."""
@@ -413,6 +417,45 @@ def _read_demo(data_dir, split, *, list_file, num_classes, ignore_label):
     return _voc_pairs(root, split, ["SegmentationClass"]), info
 
 
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png")
+NO_LABEL = ""  # The label path of an image-only pair.
+
+
+def images_info() -> DatasetInfo:
+    """DatasetInfo of image-only data: one placeholder class, every pixel ignored."""
+    return DatasetInfo(name="images", num_classes=1, ignore_label=common.IGNORE_LABEL,
+                       class_names=("unlabelled",), palette=np.zeros((1, 3), np.uint8),
+                       background_class=None,
+                       label_lut=np.full(256, common.IGNORE_LABEL, np.uint8),
+                       has_labels=False)
+
+
+def _read_images(data_dir, split, *, list_file, num_classes, ignore_label):
+    """Images without labels, for the proxy tasks: every .jpg/.jpeg/.png below
+    `data_dir/split/` (any depth, e.g. ImageNet's train/<synset>/*.JPEG), or the image
+    paths listed one per line in --list_file or `data_dir/split.txt` (relative to the
+    list's folder). Pairs are (image_path, "")."""
+    if num_classes is not None or ignore_label is not None:
+        raise DatasetError("--dataset=images has no labels: drop --num_classes/--ignore_label")
+    root = _data_root(data_dir)
+    if list_file is not None or not (root / split).is_dir():
+        list_path = _require_file(
+            pathlib.Path(os.path.abspath(list_file)) if list_file else root / f"{split}.txt",
+            f"--dataset=images: a folder {root / split} of images or a list of image paths")
+        images = []
+        for number, fields in _read_lines(list_path):
+            image = list_path.parent / fields[0]
+            if not image.is_file():
+                raise DatasetError(f"{list_path}:{number}: image {image} not found")
+            images.append(image)
+    else:
+        images = sorted(p for p in (root / split).rglob("*")
+                        if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
+    pairs = _nonempty([(str(image), NO_LABEL) for image in images],
+                      f"images of --split={split} in {root}")
+    return pairs, images_info()
+
+
 READERS: dict[str, Callable] = {
     "voc": _read_voc,
     "voc_aug": _read_voc_aug,
@@ -420,6 +463,7 @@ READERS: dict[str, Callable] = {
     "camvid": _read_camvid,
     "list": _read_list,
     "demo": _read_demo,
+    "images": _read_images,
 }
 
 
@@ -510,6 +554,11 @@ def _label_errors(histogram: np.ndarray, info: DatasetInfo, path: str) -> list[s
 def check_pair(image_path: str, label_path: str, info: DatasetInfo):
     """Decodes one pair -> (PairStats, []) if it is good, else (None, error strings)."""
     image_size, image_error = _decode_image(image_path)
+    if label_path == NO_LABEL:  # An image-only pair: the image is all there is to check.
+        if image_error:
+            return None, [image_error]
+        return PairStats(np.zeros(info.num_classes, np.int64),
+                         image_size[0] * image_size[1], image_size), []
     raw, label_error = _decode_label(label_path)  # uint8 [H, W]
     errors = [e for e in (image_error, label_error) if e]
     if raw is None:

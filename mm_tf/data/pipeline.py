@@ -158,9 +158,13 @@ def decode_label(label_bytes, filename="") -> tf.Tensor:
 
 
 def decode_pair(image_bytes, label_bytes, filename=""):
-    """Decode image and label bytes into image uint8 [H, W, 3] and raw label uint8 [H, W]."""
+    """Decode image and label bytes into image uint8 [H, W, 3] and raw label uint8 [H, W].
+    Empty label bytes (an image-only pair) give a label of `common.IGNORE_LABEL` only."""
     image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
-    label = decode_label(label_bytes, filename)
+    label = tf.cond(
+        tf.equal(tf.strings.length(label_bytes), 0),
+        lambda: tf.fill(tf.shape(image)[:2], tf.constant(common.IGNORE_LABEL, tf.uint8)),
+        lambda: decode_label(label_bytes, filename))
     image_size = tf.shape(image)[:2]
     label_size = tf.shape(label)
     with tf.control_dependencies(
@@ -204,11 +208,10 @@ def _examples(pairs, config: InputConfig) -> Tuple[tf.data.Dataset, int]:
 def _load(ref, source: str):
     """Read one reference into encoded image bytes, label bytes and the image file name."""
     if source == SOURCE_FILES:
-        return (
-            tf.io.read_file(ref["image_path"]),
-            tf.io.read_file(ref["label_path"]),
-            ref["image_path"],
-        )
+        # An image-only pair (--dataset=images) has an empty label path: no label file.
+        label_bytes = tf.cond(tf.equal(ref["label_path"], ""), lambda: tf.constant(b""),
+                              lambda: tf.io.read_file(ref["label_path"]))
+        return tf.io.read_file(ref["image_path"]), label_bytes, ref["image_path"]
     example = tfrecords.parse_example(ref)
     return example["image_bytes"], example["label_bytes"], example["filename"]
 

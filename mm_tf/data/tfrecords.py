@@ -85,6 +85,9 @@ def _int(value: int) -> tf.train.Feature:
 def make_example(image_path, label_path, index: int) -> tf.train.Example:
     """Build the `tf.train.Example` of one (image, label) pair at position `index`."""
     image_path = str(image_path)
+    if not str(label_path):
+        raise DatasetError(f"image {image_path} has no label: TFRecords hold labelled pairs; "
+                           "read image-only data (--dataset=images) from its files")
     try:
         with Image.open(image_path) as img:
             image_size = img.size  # Only the header is read here.
