@@ -324,15 +324,15 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
     summary dict.
     """
     config.validate()
-    if not info.has_labels:
-        raise ConfigError(f"--dataset={info.name} has no labels; M&M tuning needs labelled "
-                          "images (image-only data serves the proxy tasks)")
     # The gather-based crop exists for XLA (no CropAndResize kernel); in graph mode the
     # TF op is ~4x faster (measured), so the crop follows the compile mode.
     mix_config = dataclasses.replace(mix_config, use_gather_resize=config.jit_compile)
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     per_replica = distribute.per_replica_batch(input_config.batch_size, strategy)
+    if not info.has_labels:
+        raise ConfigError(f"--dataset={info.name} has no labels; M&M tuning needs labelled "
+                          "images (image-only data serves the proxy tasks)")
     os.makedirs(workdir, exist_ok=True)
     if config.input_mode != input_config.input_mode:
         raise ConfigError(f"input_mode mismatch: model {config.input_mode!r} vs data "
