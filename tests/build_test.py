@@ -1,10 +1,13 @@
 """BUILD stays true to the tree: Bazel cannot be installed offline here, so this test
-evaluates the Starlark BUILD file as Python and checks its targets against the files."""
+evaluates the Starlark BUILD file as Python and checks its targets against the files, and
+checks that BUILD is what tests/build_gen.py writes from the imports."""
 
 import pathlib
 import re
 
 import pytest
+
+import build_gen  # tests/ is on sys.path (prepend import mode)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COVERED_DIRS = ("mm_tf", "bin", "bench", "tests")
@@ -93,3 +96,20 @@ def test_the_checker_catches_a_broken_build(tmp_path):
     loaded = load_build(broken)
     assert loaded["a"][1]["deps"] == [":b"] and "b" not in loaded
     assert not (ROOT / "mm_tf/nope.py").exists()
+
+
+def test_build_is_generated_from_the_imports():
+    assert (ROOT / "BUILD").read_text() == build_gen.generate(), (
+        "BUILD is out of date with the tree: run python tests/build_gen.py")
+
+
+def test_the_generator_refuses_an_unknown_third_party_import(tmp_path):
+    for folder in build_gen.SOURCE_DIRS:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "mm_tf" / "__init__.py").write_text("")
+    (tmp_path / "mm_tf" / "thing.py").write_text("import numpy\nimport some_new_package\n")
+    with pytest.raises(SystemExit, match="mm_tf/thing.py.*some_new_package"):
+        build_gen.generate(tmp_path)
+    (tmp_path / "mm_tf" / "thing.py").write_text("import os\nimport numpy\n")
+    text = build_gen.generate(tmp_path)
+    assert 'name = "mm_tf_thing"' in text and 'requirement("numpy")' in text
