@@ -569,13 +569,9 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
             optimizer=training.optimizer_for_precision(optimizer, config.precision),
             jit_compile=keras_jit)
 
-    def make_dataset(start_step):
-        # One element = one optimizer update. A resumed run re-seeds its data order from
-        # the step it resumes at, so it does not replay the batches of the first run.
-        update = dataclasses.replace(input_config, batch_size=update_batch,
-                                     seed=input_config.seed + start_step)
-        return pipeline.train_dataset(train_pairs, info, update)
-
+    # One element = one optimizer update, re-seeded from the step a resumed run starts at.
+    make_dataset = training.resumable_train_data(
+        train_pairs, info, dataclasses.replace(input_config, batch_size=update_batch))
     eval_input = pipeline.InputConfig(input_mode=config.input_mode)
     image_fn = (_preview_fn(network, val_pairs, info, eval_input, config.input_mode)
                 if loop.image_every else None)
