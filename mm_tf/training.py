@@ -250,7 +250,7 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
         manager, start_step = restore_or_init(
             model, os.path.join(write_dir, "checkpoints"), config.keep_checkpoints,
             restore_dir=os.path.join(workdir, "checkpoints"))
-        full_windows, last_window = divmod(config.steps, config.log_every)
+        full_windows = config.steps // config.log_every
         if start_step % config.log_every and start_step < config.steps:
             raise ConfigError(f"checkpoint step {start_step} in {workdir} is not a multiple "
                               f"of --log_every={config.log_every}; resume with the original "
@@ -265,7 +265,7 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
                       initial_epoch=start_step // config.log_every,
                       callbacks=[callback], verbose=config.verbose)
         done = int(model.optimizer.iterations.numpy())
-        if last_window and done < config.steps and callback.diverged_at is None:
+        if done < config.steps and callback.diverged_at is None:
             # Keras epochs have one length per fit call: the remainder is a second call.
             model.fit(make_dataset(done), steps_per_epoch=config.steps - done, epochs=1,
                       callbacks=[callback], verbose=config.verbose)
