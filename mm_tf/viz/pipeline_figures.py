@@ -45,8 +45,6 @@ from mm_tf import tuner as tuner_lib
 from mm_tf.data import datasets
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
-from mm_tf.models import backbones
-from mm_tf.models import weights as weights_lib
 from mm_tf.viz import figures
 from mm_tf.viz import projector
 
@@ -124,22 +122,24 @@ def mm_summary(report: dict, arm: str) -> dict:
                                    "summary.json"))
 
 
-def before_backbone(summary: dict) -> keras.Model:
-    """The M&M stage's starting backbone (see module docstring for a random init)."""
+def _tune_config(summary: dict) -> tuner_lib.TuneConfig:
+    """The TuneConfig an M&M stage ran with, from its summary.json."""
     fields = {f.name for f in dataclasses.fields(tuner_lib.TuneConfig)}
     tune = {k: v for k, v in summary["config"]["tune"].items() if k in fields}
     if "lr_boundaries" in tune:
         tune["lr_boundaries"] = tuple(tune["lr_boundaries"])
-    return tuner_lib.build_backbone_from(tuner_lib.TuneConfig(**tune))
+    return tuner_lib.TuneConfig(**tune)
+
+
+def before_backbone(summary: dict) -> keras.Model:
+    """The M&M stage's starting backbone (see module docstring for a random init)."""
+    return tuner_lib.build_backbone_from(_tune_config(summary))
 
 
 def after_backbone(summary: dict) -> keras.Model:
     """The M&M stage's tuned backbone (its backbone.weights.h5)."""
-    tune = summary["config"]["tune"]
-    backbone = backbones.build_backbone(tune["backbone"], tune["input_mode"],
-                                        float(tune["width"]))
-    weights_lib.load_backbone_weights(backbone, summary["backbone_weights"])
-    return backbone
+    return tuner_lib.build_backbone_from(
+        dataclasses.replace(_tune_config(summary), init=summary["backbone_weights"]))
 
 
 def graph_study_points(reports: Sequence[dict], triplet_mode: str = "graph") -> list:
