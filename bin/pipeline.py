@@ -6,6 +6,11 @@ once; finished stages are skipped on a rerun, so a killed pipeline continues.
 
   python bin/pipeline.py --flagfile=flags/demo.flags --workdir=work/demo/pipeline
   python bin/pipeline.py --flagfile=flags/camvid_cpu.flags --workdir=work/camvid_cpu
+  python bin/pipeline.py --flagfile=flags/demo.flags --seeds=0,1 --workdir=work/demo2
+
+--seeds=0,1,2 runs every arm for every seed (workdir/seed<s>/, resumable per arm and
+seed) and reports per arm the mean and sd over seeds, and per M&M arm the paired delta to
+its naive twin on each seed.
 
 --strategy/--num_cpu_devices/--precision/--jit_compile go to the M&M and fine-tuning
 stages (--graph_scope to M&M). With --strategy=multi_worker run the same command on every
@@ -27,6 +32,9 @@ flags.DEFINE_string("seg_flagfile", "flags/demo_seg.flags", "Settings of fine-tu
 flags.DEFINE_string("colorization_flagfile", None, "Settings of colorization pre-training.")
 flags.DEFINE_string("jigsaw_flagfile", None, "Settings of jigsaw pre-training.")
 flags.DEFINE_string("imagenet_weights", None, "Backbone weights for the imagenet arm.")
+flags.DEFINE_list("seeds", [], "Run every arm once per seed (e.g. 0,1,2), each seed in "
+                  "workdir/seed<s>/; the report gives mean +- sd and paired deltas. "
+                  "Empty: one run with the flagfiles' --seed.")
 flags.DEFINE_multi_string("stage_arg", [], "Extra argument for every stage (repeatable), "
                           "e.g. --stage_arg=--data_dir=/data/camvid.")
 flags.DEFINE_multi_string("overlay", [], "Flagfile appended to every stage (repeatable), "
@@ -56,6 +64,10 @@ def main(argv):
     from mm_tf import experiment  # pylint: disable=import-outside-toplevel
     from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
+    try:
+        seeds = tuple(int(s) for s in FLAGS.seeds)
+    except ValueError:
+        flagdefs.fail(f"--seeds={','.join(FLAGS.seeds)}: expected integers, e.g. 0,1,2")
     proxies = {name: path for name, path in (("colorization", FLAGS.colorization_flagfile),
                                              ("jigsaw", FLAGS.jigsaw_flagfile)) if path}
     config = experiment.PipelineConfig(
@@ -64,7 +76,7 @@ def main(argv):
         imagenet_weights=FLAGS.imagenet_weights, stage_args=tuple(FLAGS.stage_arg),
         overlays=tuple(FLAGS.overlay), distribution=_distribution_args(),
         mm_args=(f"--graph_scope={FLAGS.graph_scope}",) if FLAGS.graph_scope else (),
-        repo_root=str(flagdefs.REPO_ROOT))
+        repo_root=str(flagdefs.REPO_ROOT), seeds=seeds)
     try:
         report = experiment.run(config)
     except (ConfigError, experiment.PipelineError) as e:
@@ -74,7 +86,12 @@ def main(argv):
         return
     workdir = os.path.abspath(FLAGS.workdir)
     for name, arm in report["arms"].items():
-        print(f"{name:>24s}: mIoU {100 * arm['miou']:.1f}%  ({arm['seconds']:.0f}s)")
+        spread = "" if arm.get("sd_miou") is None else f" +- {100 * arm['sd_miou']:.1f}"
+        delta = "" if "paired_delta" not in arm else (
+            f", paired delta {100 * arm['mean_delta']:+.1f} vs {arm['naive_twin']} "
+            f"({arm['positive_deltas']}/{len(arm['paired_delta'])} seeds > 0)")
+        print(f"{name:>24s}: mIoU {100 * arm['miou']:.1f}%{spread}{delta}  "
+              f"({arm['seconds']:.0f}s)")
     print(f"report: {os.path.join(workdir, 'report.md')} (and report.json)")
 
 

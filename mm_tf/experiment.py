@@ -16,6 +16,13 @@ M&M and fine-tuning stages. Under `--strategy=multi_worker` the same pipeline co
 on every machine (its `TF_CONFIG` names the task): every worker joins the M&M and
 fine-tuning stages, while proxy pre-training, evaluation and the reports run on the chief
 alone and the other workers wait for their outputs in the shared work folder.
+
+Seeds (`PipelineConfig.seeds`, `--seeds=0,1,2`): every arm runs once per seed, each seed
+in its own folder `seed<s>/` with its own report; the top folder's report gives per arm
+the mean and sample sd of mIoU over seeds and per M&M arm the paired delta to its naive
+twin for each seed. A proxy stage is shared by all seeds (pre-training is the start the
+study compares from, as ImageNet weights would be); the seed sets the random init, the
+data order and the stateless M&M randomness of the M&M and fine-tuning stages.
 """
 
 from __future__ import annotations
@@ -88,6 +95,14 @@ class PipelineConfig:
       python: interpreter that runs the stage binaries.
       repo_root: folder holding bin/.
       poll_seconds: how often a non-chief worker looks for the chief's stage outputs.
+      seeds: run every arm once per seed (`--seeds=0,1,2`): seed s's stages live in
+        `workdir/seed<s>/` and get `--seed=s` (one random init and one data order shared
+        by the arms of that seed); proxy pre-training runs once for all seeds, in
+        `workdir/proxy/`. Empty: one run with the flagfiles' seed, in `workdir/`.
+      seed: the seed of this (per-seed) plan, passed as --seed to its M&M and
+        fine-tuning stages; None: the flagfiles' seed. Set by `seed_configs`.
+      proxy_root: folder holding `proxy/` (default: `workdir`); per-seed plans share
+        the top folder's proxies.
     """
 
     arms: tuple
@@ -103,6 +118,9 @@ class PipelineConfig:
     python: str = sys.executable
     repo_root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     poll_seconds: float = 5.0
+    seeds: tuple = ()
+    seed: Optional[int] = None
+    proxy_root: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +193,10 @@ def plan(config: PipelineConfig):
     _require_file(config, config.seg_flagfile, "--seg_flagfile")
     extra = list(config.stage_args) + _overlay_args(config)
     root = os.path.abspath(config.workdir)
+    proxy_root = os.path.abspath(config.proxy_root or config.workdir)
+    # A per-seed plan's keys carry its seed, so the stages of all seeds stay distinct.
+    prefix = "" if config.seed is None else f"{seed_name(config.seed)}/"
+    seed_args = () if config.seed is None else (f"--seed={config.seed}",)
     stages, by_key, arm_stages = [], {}, {}
 
     def add(stage):
@@ -192,7 +214,7 @@ def plan(config: PipelineConfig):
             if not flagfile:
                 raise ConfigError(f"arm {arm.name!r} needs --{arm.init}_flagfile")
             _require_file(config, flagfile, f"--{arm.init}_flagfile")
-            folder = os.path.join(root, "proxy", arm.init)
+            folder = os.path.join(proxy_root, "proxy", arm.init)
             keys["proxy"] = add(Stage(
                 f"proxy/{arm.init}", "proxy", folder,
                 (PROXY_BINARIES[arm.init], f"--flagfile={flagfile}", f"--workdir={folder}",
@@ -210,20 +232,22 @@ def plan(config: PipelineConfig):
             chain = f"{arm.init}+mm_{arm.mm_mode}"
             folder = os.path.join(root, "mm", f"{arm.init}_{arm.mm_mode}")
             keys["mm"] = add(Stage(
-                f"mm/{arm.init}_{arm.mm_mode}", "mm", folder,
+                f"{prefix}mm/{arm.init}_{arm.mm_mode}", "mm", folder,
                 ("bin/train_mm.py", f"--flagfile={config.mm_flagfile}",
                  f"--init={init_weights}", f"--triplet_mode={arm.mm_mode}", *network_args,
-                 f"--workdir={folder}", *extra, *config.distribution, *config.mm_args),
+                 f"--workdir={folder}", *extra, *seed_args, *config.distribution,
+                 *config.mm_args),
                 os.path.join(folder, "summary.json")))
             seg_init = os.path.join(folder, "backbone.weights.h5")
         seg_dir = os.path.join(root, "seg", chain)
         keys["seg"] = add(Stage(
-            f"seg/{chain}", "seg", seg_dir,
+            f"{prefix}seg/{chain}", "seg", seg_dir,
             ("bin/train_seg.py", f"--flagfile={config.seg_flagfile}", f"--init={seg_init}",
-             *network_args, f"--workdir={seg_dir}", *extra, *config.distribution),
+             *network_args, f"--workdir={seg_dir}", *extra, *seed_args,
+             *config.distribution),
             os.path.join(seg_dir, "summary.json")))
         keys["eval"] = add(Stage(
-            f"eval/{chain}", "eval", seg_dir,
+            f"{prefix}eval/{chain}", "eval", seg_dir,
             ("bin/evaluate.py", f"--workdir={seg_dir}", "--json"),
             os.path.join(seg_dir, "eval.json")))
         arm_stages[arm.name] = keys
@@ -298,13 +322,39 @@ def _wait_for_chief(stage: Stage, config: PipelineConfig, log) -> None:
         time.sleep(config.poll_seconds)
 
 
+def seed_name(seed: int) -> str:
+    """7 -> 'seed7': the folder and stage-key prefix of one seed's stages."""
+    return f"seed{seed}"
+
+
+def seed_configs(config: PipelineConfig) -> list:
+    """[(seed, per-seed config)] for `config.seeds`, or [(None, config)] without seeds.
+    Each per-seed config writes into `workdir/seed<s>/` and shares `workdir/proxy/`."""
+    if not config.seeds:
+        return [(None, config)]
+    seeds = [int(s) for s in config.seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds={','.join(map(str, seeds))}: a seed is listed twice")
+    if any(a.startswith("--seed=") for a in config.stage_args):
+        raise ConfigError("--stage_arg=--seed=...: with --seeds each seed's stages get "
+                          "their own --seed; give the seeds with --seeds only")
+    root = os.path.abspath(config.workdir)
+    return [(seed, dataclasses.replace(config, seeds=(), seed=seed,
+                                       workdir=os.path.join(root, seed_name(seed)),
+                                       proxy_root=root)) for seed in seeds]
+
+
 def run(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
     """Runs every stage not yet done, then writes report.json and report.md; returns the
     report dict (None on a non-chief worker of a multi-worker run, which writes no
-    report). Raises PipelineError when a stage fails (finished stages stay done)."""
+    report). With `config.seeds`, each seed's folder gets its own report and `workdir`
+    the report over seeds (`mm_tf.report.combine_seeds`). Raises PipelineError when a
+    stage fails (finished stages stay done)."""
     from mm_tf import report as report_lib  # pylint: disable=import-outside-toplevel
 
-    stages, arm_stages = plan(config)
+    plans = [(seed, seed_config, *plan(seed_config))
+             for seed, seed_config in seed_configs(config)]
+    stages = list({s.key: s for _, _, seed_stages, _ in plans for s in seed_stages}.values())
     chief = is_chief_task()
     seconds = {s.key: _stage_seconds(s) for s in stages if os.path.isfile(s.output)}
     started = time.time()
@@ -317,7 +367,7 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
             _wait_for_chief(stage, config, log)
             continue
         log(f"{prefix}: running (elapsed {_format_seconds(time.time() - started)}"
-            f"{_eta(stages[index - 1:], seconds)})")
+            f"{_eta(stages, stages[index - 1:], seconds)})")
         seconds[stage.key] = _run_stage(stage, config)
         if not chief:
             # The chief writes the outputs the next stage reads after the last step.
@@ -325,17 +375,25 @@ def run(config: PipelineConfig, log: Callable[[str], None] = print) -> dict:
         log(f"{prefix}: finished in {_format_seconds(seconds[stage.key])}")
     if not chief:
         return None
-    report = report_lib.build_report(config, arm_stages, {s.key: s for s in stages}, seconds)
+    reports = {}
+    for seed, seed_config, seed_stages, arm_stages in plans:
+        report = report_lib.build_report(seed_config, arm_stages,
+                                         {s.key: s for s in seed_stages}, seconds)
+        report_lib.write_reports(report, os.path.abspath(seed_config.workdir))
+        if seed is None:
+            return report
+        reports[str(seed)] = report
+    report = report_lib.combine_seeds(reports, config)
     report_lib.write_reports(report, os.path.abspath(config.workdir))
     return report
 
 
-def _eta(remaining: Sequence[Stage], seconds: dict) -> str:
+def _eta(stages: Sequence[Stage], remaining: Sequence[Stage], seconds: dict) -> str:
     """', ETA ~Xm' from the mean seconds of finished stages of the same kind."""
     known = {}
-    for key, value in seconds.items():
-        if value is not None:
-            known.setdefault(key.split("/")[0], []).append(value)
+    for stage in stages:
+        if seconds.get(stage.key) is not None:
+            known.setdefault(stage.kind, []).append(seconds[stage.key])
     if not known:
         return ""
     overall = sum(sum(v) for v in known.values()) / sum(len(v) for v in known.values())

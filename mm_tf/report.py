@@ -1,12 +1,16 @@
 """The pipeline's reports: report.json (machine-readable), report.md (a table of arms
 with each M&M arm's delta over its naive twin, per-class IoU) and the bar chart it
-embeds."""
+embeds. A multi-seed pipeline's top report (`combine_seeds`) gives per arm the mean and
+sample sd over seeds and per M&M arm the paired delta to its naive twin for each seed."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+
+from typing import Optional
 
 from mm_tf import files
 
@@ -35,6 +39,67 @@ def build_report(config, arm_stages: dict, stages: dict, seconds: dict) -> dict:
     return {"arms": arms, "config": dataclasses.asdict(config)}
 
 
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _sample_sd(values) -> Optional[float]:
+    """Sample standard deviation (n - 1), None for fewer than two values."""
+    values = list(values)
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def combine_seeds(per_seed: dict, config) -> dict:
+    """{seed (str): one seed's report} -> the report over seeds.
+
+    Per arm: `per_seed_miou` {seed: mIoU}, `mean_miou`, `sd_miou` (sample sd, None for
+    one seed), `miou` (= the mean, so that readers of one-seed reports work), the mean
+    `pixel_acc` and `per_class_iou` (a class absent in every seed stays None),
+    `seconds` (each stage counted once: seeds share the proxy stage), `per_seed` (each
+    seed's arm entry) and `stages` (the first seed's, which bin/figures.py draws). Per
+    M&M arm whose naive twin ran: `naive_twin`, `paired_delta` {seed: mIoU minus the
+    twin's}, `mean_delta` and `positive_deltas` (how many are > 0). mIoU are fractions.
+    """
+    seeds = list(per_seed)
+    arms = {}
+    for name in per_seed[seeds[0]]["arms"]:
+        runs = {seed: per_seed[seed]["arms"][name] for seed in seeds}
+        mious = {seed: run["miou"] for seed, run in runs.items()}
+        classes = list(runs[seeds[0]]["per_class_iou"])
+        per_class = {}
+        for c in classes:
+            present = [run["per_class_iou"][c] for run in runs.values()
+                       if run["per_class_iou"].get(c) is not None]
+            per_class[c] = _mean(present) if present else None
+        stage_seconds = {stage["key"]: stage["seconds"] or 0.0
+                         for run in runs.values() for stage in run["stages"].values()}
+        arms[name] = {
+            "miou": _mean(mious.values()),
+            "mean_miou": _mean(mious.values()),
+            "sd_miou": _sample_sd(mious.values()),
+            "per_seed_miou": mious,
+            "pixel_acc": _mean(run["pixel_acc"] for run in runs.values()),
+            "per_class_iou": per_class,
+            "num_images": runs[seeds[0]].get("num_images"),
+            "seconds": sum(stage_seconds.values()),
+            "stages": runs[seeds[0]]["stages"],
+            "per_seed": runs,
+        }
+    for name, arm in arms.items():
+        twin = naive_twin(name)
+        if twin == name or twin not in arms:
+            continue
+        deltas = {seed: arm["per_seed_miou"][seed] - arms[twin]["per_seed_miou"][seed]
+                  for seed in seeds}
+        arm.update(naive_twin=twin, paired_delta=deltas, mean_delta=_mean(deltas.values()),
+                   positive_deltas=sum(d > 0 for d in deltas.values()))
+    return {"seeds": seeds, "arms": arms, "config": dataclasses.asdict(config)}
+
+
 def _bar_chart(report: dict, path: str) -> None:
     """Writes a PNG bar chart of mIoU per arm (naive arms grey, M&M arms coloured)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -46,21 +111,56 @@ def _bar_chart(report: dict, path: str) -> None:
     colours = ["#9e9e9e" if "+" not in n else "#1f77b4" for n in names]
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.2), dpi=100)
     bars = ax.bar(names, values, color=colours)
+    points = []
+    for i, name in enumerate(names):
+        for value in report["arms"][name].get("per_seed_miou", {}).values():
+            points.append((i, 100 * value))
+    if points:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="black", s=14,
+                   zorder=3, label="one seed")
+        ax.legend(loc="upper left", fontsize=8)
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center",
                 va="bottom", fontsize=9)
     ax.set_ylabel("val mIoU (%)")
-    ax.set_ylim(0, max(values + [1.0]) * 1.2)
-    ax.set_title("mIoU per arm")
+    ax.set_ylim(0, max(values + [p[1] for p in points] + [1.0]) * 1.2)
+    seeds = report.get("seeds")
+    ax.set_title(f"mean mIoU over {len(seeds)} seeds" if seeds else "mIoU per arm")
     fig.autofmt_xdate(rotation=20)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def _seed_rows(report: dict) -> list:
+    """The arms table of a multi-seed report: mean +- sd, per-seed values, paired deltas."""
+    arms, seeds = report["arms"], report["seeds"]
+    lines = [f"Seeds: {', '.join(seeds)}. mIoU in %: mean +- sample sd over seeds; paired "
+             "delta = this arm's mIoU minus its naive twin's on the same seed.", "",
+             "| arm | mIoU mean +- sd | per seed | paired delta per seed | mean delta | "
+             "deltas > 0 | pixel acc | minutes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, arm in arms.items():
+        sd = "" if arm["sd_miou"] is None else f" +- {100 * arm['sd_miou']:.1f}"
+        per_seed = ", ".join(f"{100 * arm['per_seed_miou'][s]:.1f}" for s in seeds)
+        deltas = mean_delta = positive = ""
+        if "paired_delta" in arm:
+            deltas = ", ".join(f"{100 * arm['paired_delta'][s]:+.1f}" for s in seeds)
+            mean_delta = f"{100 * arm['mean_delta']:+.1f} vs `{arm['naive_twin']}`"
+            positive = f"{arm['positive_deltas']}/{len(seeds)}"
+        lines.append(f"| `{name}` | {100 * arm['mean_miou']:.1f}{sd} | {per_seed} | "
+                     f"{deltas} | {mean_delta} | {positive} | {100 * arm['pixel_acc']:.1f} "
+                     f"| {arm['seconds'] / 60:.1f} |")
+    return lines
+
+
 def markdown(report: dict, chart_name: str = "report_miou.png") -> str:
-    """The report as Markdown: arms table, per-class IoU table, embedded chart."""
+    """The report as Markdown: arms table (over seeds, when it has them), per-class IoU
+    table (of the means over seeds), embedded chart."""
     arms = report["arms"]
+    if "seeds" in report:
+        return _markdown_tail(["# M&M pipeline report", ""] + _seed_rows(report), arms,
+                              chart_name, "Per-class IoU of the means over seeds")
     lines = ["# M&M pipeline report", "",
              "| arm | mIoU (%) | delta vs naive twin | pixel acc (%) | seconds |",
              "| --- | --- | --- | --- | --- |"]
@@ -71,10 +171,16 @@ def markdown(report: dict, chart_name: str = "report_miou.png") -> str:
             delta = f"{100 * (arm['miou'] - arms[twin]['miou']):+.1f} vs `{twin}`"
         lines.append(f"| `{name}` | {100 * arm['miou']:.1f} | {delta} | "
                      f"{100 * arm['pixel_acc']:.1f} | {arm['seconds']:.0f} |")
+    return _markdown_tail(lines, arms, chart_name, "Per-class IoU")
+
+
+def _markdown_tail(lines: list, arms: dict, chart_name: str, title: str) -> str:
+    """Appends the per-class IoU table and the chart to the arms table's lines."""
     classes = list(next(iter(arms.values()))["per_class_iou"])
-    lines += ["", "Per-class IoU (%; '-' = class absent from the split and never predicted):",
-              "", "| arm | " + " | ".join(classes) + " |",
-              "| --- |" + " --- |" * len(classes)]
+    lines = lines + ["", f"{title} (%; '-' = class absent from the split and never "
+                     "predicted):", "",
+                     "| arm | " + " | ".join(classes) + " |",
+                     "| --- |" + " --- |" * len(classes)]
     for name, arm in arms.items():
         cells = ["-" if arm["per_class_iou"][c] is None
                  else f"{100 * arm['per_class_iou'][c]:.1f}" for c in classes]

@@ -1,8 +1,10 @@
 """Pipeline planning and reports: arms parse, shared stages run once, bad arms and
 missing flagfiles are clear errors, report.md carries the delta over the naive twin."""
 
+import dataclasses
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -209,3 +211,129 @@ def test_rewritten_report_keeps_embedded_figures(tmp_path):
     report_lib.write_reports(report, str(tmp_path))
     text = (tmp_path / "report.md").read_text()
     assert text.count("](figures/tsne.png)") == 1 and "| `random` | 30.0 |" in text
+
+
+def test_seeds_plan_one_folder_and_seed_flag_per_seed_and_share_the_proxy(tmp_path):
+    config = _config(tmp_path, ["colorization", "colorization+mm"], seeds=(0, 1))
+    plans = experiment.seed_configs(config)
+    assert [seed for seed, _ in plans] == [0, 1]
+    keys = []
+    for seed, seed_config in plans:
+        stages, arms = experiment.plan(seed_config)
+        by_key = {s.key: s for s in stages}
+        assert arms["colorization"]["proxy"] == "proxy/colorization"
+        proxy = by_key["proxy/colorization"]
+        assert proxy.workdir == str(tmp_path / "proxy" / "colorization")
+        assert not any(a.startswith("--seed=") for a in proxy.command)
+        for kind in ("mm", "seg", "eval"):
+            stage = by_key[arms["colorization+mm"][kind]]
+            assert stage.key.startswith(f"seed{seed}/{kind}/")
+            assert stage.workdir.startswith(str(tmp_path / f"seed{seed}") + "/")
+            assert (f"--seed={seed}" in stage.command) == (kind != "eval")
+        keys += [s.key for s in stages]
+    # The shared proxy is planned by both seeds; every other stage is distinct.
+    assert keys.count("proxy/colorization") == 2 and len(set(keys)) == len(keys) - 1
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"seeds": (0, 0)}, "listed twice"),
+    ({"seeds": (0, 1), "stage_args": ("--seed=3",)}, "--seeds only"),
+])
+def test_seed_errors_name_the_flag(tmp_path, kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        experiment.seed_configs(_config(tmp_path, ["random"], **kwargs))
+
+
+def _seed_report(seed: int, mious: dict) -> dict:
+    """One seed's report: per arm its own seg stage and a proxy shared by all seeds."""
+    return {"arms": {name: {"miou": miou, "pixel_acc": 0.5 + miou / 2, "seconds": 70.0,
+                            "per_class_iou": {"sky": miou, "car": None},
+                            "stages": {"proxy": {"key": "proxy/colorization", "seconds": 10.0},
+                                       "seg": {"key": f"seed{seed}/seg/{name}",
+                                               "seconds": 60.0}}}
+                     for name, miou in mious.items()}}
+
+
+def test_combine_seeds_mean_sd_and_paired_deltas_by_hand(tmp_path):
+    per_seed = {"0": _seed_report(0, {"random": 0.30, "random+mm": 0.36}),
+                "1": _seed_report(1, {"random": 0.34, "random+mm": 0.33}),
+                "2": _seed_report(2, {"random": 0.26, "random+mm": 0.33})}
+    report = report_lib.combine_seeds(per_seed, _config(tmp_path, ["random"]))
+    naive, mm = report["arms"]["random"], report["arms"]["random+mm"]
+    assert report["seeds"] == ["0", "1", "2"]
+    assert naive["per_seed_miou"] == {"0": 0.30, "1": 0.34, "2": 0.26}
+    assert naive["mean_miou"] == pytest.approx(0.30) and naive["miou"] == naive["mean_miou"]
+    assert naive["sd_miou"] == pytest.approx(0.04)  # deviations .00, +.04, -.04 over n-1=2
+    assert "paired_delta" not in naive
+    assert mm["naive_twin"] == "random"
+    assert mm["paired_delta"] == pytest.approx({"0": 0.06, "1": -0.01, "2": 0.07})
+    assert mm["mean_delta"] == pytest.approx(0.04) and mm["positive_deltas"] == 2
+    assert mm["per_class_iou"] == {"sky": pytest.approx(0.34), "car": None}
+    assert naive["seconds"] == 190.0  # three seg stages and the shared proxy once
+    text = report_lib.markdown(report)
+    assert "| `random+mm` | 34.0 +- 1.7 | 36.0, 33.0, 33.0 | +6.0, -1.0, +7.0 | " \
+           "+4.0 vs `random` | 2/3 |" in text
+    assert "Per-class IoU of the means over seeds" in text
+    report_lib.write_reports(report, str(tmp_path))
+    assert (tmp_path / "report_miou.png").read_bytes()[:4] == b"\x89PNG"
+    one = report_lib.combine_seeds({"5": per_seed["0"]}, _config(tmp_path, ["random"]))
+    assert one["arms"]["random"]["sd_miou"] is None
+
+
+_FAKE_STAGE = '''
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--") and "=" in a)
+workdir = args["workdir"]
+os.makedirs(workdir, exist_ok=True)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.txt"), "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+if sys.argv[1].endswith("evaluate.py"):
+    # mIoU from the seed and the arm, as the seg stage recorded them.
+    with open(os.path.join(workdir, "summary.json")) as f:
+        run = json.load(f)
+    miou = 0.3 + 0.01 * run["seed"] + (0.05 if run["mm"] else 0.0)
+    print(json.dumps({"miou": miou, "pixel_acc": 0.8, "num_images": 2,
+                      "per_class_iou": {"a": miou, "b": None}}))
+else:
+    name = "backbone.weights.h5" if "train_mm" in sys.argv[1] else "model.weights.h5"
+    open(os.path.join(workdir, name), "w").close()
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({"seed": int(args.get("seed", 0)),
+                   "mm": "mm" in args.get("init", "")}, f)
+'''
+
+
+def test_two_seed_run_reports_over_seeds_and_a_rerun_skips_every_stage(tmp_path):
+    # A stand-in interpreter runs the stages, so the orchestration is tested in
+    # seconds; test_pipeline_binary_writes_reports_... above runs the real stages.
+    fake = tmp_path / "fake_python.py"
+    fake.write_text(_FAKE_STAGE)
+    config = dataclasses.replace(
+        _config(tmp_path / "pipe", ["random", "random+mm"], seeds=(0, 2)),
+        python=str(_python_wrapper(tmp_path, fake)))
+    lines = []
+    report = experiment.run(config, log=lines.append)
+    assert sum(": running" in line for line in lines) == 10  # 2 seeds x (seg, eval, mm, seg, eval)
+    assert report["seeds"] == ["0", "2"]
+    assert report["arms"]["random"]["per_seed_miou"] == pytest.approx({"0": 0.30, "2": 0.32})
+    assert report["arms"]["random+mm"]["paired_delta"] == pytest.approx({"0": 0.05, "2": 0.05})
+    assert report["arms"]["random+mm"]["positive_deltas"] == 2
+    on_disk = json.loads((tmp_path / "pipe" / "report.json").read_text())
+    assert on_disk["arms"]["random+mm"]["mean_delta"] == pytest.approx(0.05)
+    seed2 = json.loads((tmp_path / "pipe" / "seed2" / "report.json").read_text())
+    assert seed2["arms"]["random"]["miou"] == pytest.approx(0.32)
+    assert "seeds" not in seed2
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(calls) == 10
+    again = []
+    assert experiment.run(config, log=again.append)["arms"] == on_disk["arms"]
+    assert sum("done already, skipped" in line for line in again) == 10
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == 10
+
+
+def _python_wrapper(tmp_path, script):
+    """An executable that runs `script` with this interpreter, in place of python."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper
