@@ -42,6 +42,14 @@ flags.DEFINE_float("max_overlap", 0.6, "Skip a candidate covered more than this 
 flags.DEFINE_enum("triplet_mode", "graph", ["graph", "random", "graph_semihard"],
                   "Triplet selection: the paper's graph, random triplets, or semi-hard.")
 flags.DEFINE_float("margin", 2.1, "Triplet margin alpha.")
+flags.DEFINE_enum("loss", "triplet", ["triplet", "supcon"],
+                  "triplet: the paper's loss on the graph's triplets; supcon: supervised "
+                  "contrastive over all the graph's nodes (Khosla et al. 2020).")
+flags.DEFINE_float("temperature", 0.1, "SupCon temperature (--loss=supcon).")
+flags.DEFINE_float("color_jitter", 0.0, "Photometric jitter strength of each mixed patch "
+                   "(SimCLR's colour distortion; 0 = none, the paper).")
+flags.DEFINE_float("random_grey", 0.0, "Probability that a mixed patch is made grey "
+                   "(RGB input; 0 = never, the paper).")
 flagdefs.define_optimizer_flags(lr_boundaries=[6000])
 flags.mark_flag_as_required("workdir")
 
@@ -62,7 +70,9 @@ def main(argv):
             backbone=FLAGS.backbone, width=FLAGS.width, input_mode=FLAGS.input_mode,
             init=FLAGS.init, triplet_mode=FLAGS.triplet_mode, margin=FLAGS.margin,
             seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, graph_scope=FLAGS.graph_scope,
-            precision=FLAGS.precision, **flagdefs.optimizer_kwargs_from_flags())
+            precision=FLAGS.precision, loss=FLAGS.loss, temperature=FLAGS.temperature,
+            color_jitter=FLAGS.color_jitter, random_grey=FLAGS.random_grey,
+            **flagdefs.optimizer_kwargs_from_flags())
         config.validate()
         pairs, info = flagdefs.dataset_from_flags()
         background = FLAGS.background_class

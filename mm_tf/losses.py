@@ -8,6 +8,11 @@ out). The release's Caffe TripletLoss layer divides the sum by 2N instead of N; 
 gradients are therefore half of these (a learning-rate factor, not a different loss).
 Every distance is computed in float32, whatever the embedding dtype.
 
+Supervised contrastive loss over the graph's patches (Khosla et al. 2020, "L_out"; beyond
+the paper): every valid node is an anchor, all other same-class nodes its positives,
+every other valid node in its denominator, on L2-normalised features with temperature
+tau. Anchors without a positive (singleton classes) are left out of the mean.
+
 Pixel cross-entropy of segmentation fine-tuning: per-pixel terms with the ignore label
 excluded from both the sum and the count, reduced explicitly (0, not NaN, when a batch
 has no labelled pixel).
@@ -94,6 +99,57 @@ def triplet_loss(embeddings, indices, mask, margin=MARGIN, anchors=None):
     if anchors is not None:
         start, size = anchors
         own = tf.slice(terms["per_triplet"], tf.reshape(tf.cast(start, tf.int32), [1]),
+                       tf.reshape(tf.cast(size, tf.int32), [1]))
+        result["anchor_share"] = tf.reduce_sum(own) / count
+    return result
+
+
+# ----- Supervised contrastive loss over the graph's nodes -----
+
+# SupCon's temperature (Khosla et al. 2020 use 0.1 for their best ImageNet results).
+TEMPERATURE = 0.1
+TRIPLET = "triplet"
+SUPCON = "supcon"
+LOSSES = (TRIPLET, SUPCON)
+
+
+def supcon_terms(embeddings, labels, valid, temperature=TEMPERATURE):
+    """Per-anchor SupCon terms of embeddings [N, ...], labels int [N], valid bool [N].
+
+    Returns dict(per_anchor float32 [N]: -1/|P(i)| sum_{p in P(i)} log softmax_i(p) over
+    the other valid nodes, 0 where the anchor is invalid or has no positive;
+    has_positive bool [N]).
+    """
+    x = l2_normalize_flat(embeddings)
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.cast(valid, tf.bool)
+    n = tf.shape(x)[0]
+    not_self = tf.logical_not(tf.eye(n, dtype=tf.bool))
+    pair_valid = valid[:, None] & valid[None, :] & not_self
+    positive = pair_valid & tf.equal(labels[:, None], labels[None, :])
+    logits = tf.matmul(x, x, transpose_b=True) / temperature
+    # Masked entries get a large negative logit, never -inf (0 * -inf would be NaN).
+    logits = tf.where(pair_valid, logits, tf.fill(tf.shape(logits), -1e9))
+    log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+    positives = tf.reduce_sum(tf.cast(positive, tf.float32), axis=1)
+    has_positive = positives > 0
+    summed = tf.reduce_sum(tf.where(positive, log_prob, tf.zeros_like(log_prob)), axis=1)
+    per_anchor = -summed / tf.maximum(positives, 1.0)
+    return {"per_anchor": tf.where(has_positive, per_anchor, tf.zeros_like(per_anchor)),
+            "has_positive": has_positive}
+
+
+def supcon_loss(embeddings, labels, valid, temperature=TEMPERATURE, anchors=None):
+    """SupCon loss (float32 scalar `loss`: mean over anchors with a positive, 0 if none)
+    of embeddings [N, ...], labels [N], valid [N]; with anchors=(start, size) also
+    `anchor_share`: the terms of rows [start, start + size) over the same count, so
+    replicas holding a graph's anchors sum their shares to `loss` (as triplet_loss)."""
+    terms = supcon_terms(embeddings, labels, valid, temperature)
+    count = tf.maximum(tf.reduce_sum(tf.cast(terms["has_positive"], tf.float32)), 1.0)
+    result = {"loss": tf.reduce_sum(terms["per_anchor"]) / count}
+    if anchors is not None:
+        start, size = anchors
+        own = tf.slice(terms["per_anchor"], tf.reshape(tf.cast(start, tf.int32), [1]),
                        tf.reshape(tf.cast(size, tf.int32), [1]))
         result["anchor_share"] = tf.reduce_sum(own) / count
     return result

@@ -50,6 +50,7 @@ from mm_tf import match as match_lib
 from mm_tf import mix as mix_lib
 from mm_tf import summaries
 from mm_tf import training
+from mm_tf.data import augment
 from mm_tf.data import pipeline
 from mm_tf.models import backbones
 from mm_tf.models import weights as weights_lib
@@ -58,6 +59,7 @@ from mm_tf.models import weights as weights_lib
 SCALAR_NAMES = {
     "loss": "losses/total",
     "triplet_loss": "losses/triplet",
+    "supcon_loss": "losses/supcon",
     "weight_decay": "losses/weight_decay",
     "active_fraction": "triplets/active_fraction",
     "d_ap": "triplets/d_ap",
@@ -91,6 +93,13 @@ class TuneConfig:
         per replica's share of it); equal with one replica.
       precision: "float32", "mixed_bfloat16" or "mixed_float16" (Keras dtype policy of
         the backbone; distances and losses stay float32).
+      loss: "triplet" (the paper: the graph's triplets) or "supcon" (supervised
+        contrastive over all the graph's nodes, same class = positive; beyond the paper).
+        The triplet statistics (active_fraction, d_ap, d_an) are logged either way.
+      temperature: SupCon's temperature tau.
+      color_jitter: strength s of per-patch photometric jitter of the mixed patches
+        (`mm_tf.data.augment.photometric_jitter`; 0 = none, the paper).
+      random_grey: probability that a patch is turned grey (RGB input; 0 = never).
     """
 
     backbone: str = "vgg16"
@@ -108,9 +117,22 @@ class TuneConfig:
     jit_compile: bool = False
     graph_scope: str = GLOBAL
     precision: str = training.FLOAT32
+    loss: str = losses.TRIPLET
+    temperature: float = losses.TEMPERATURE
+    color_jitter: float = 0.0
+    random_grey: float = 0.0
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag when a value cannot work."""
+        if self.loss not in losses.LOSSES:
+            raise ConfigError(f"--loss={self.loss}: expected one of {losses.LOSSES}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature={self.temperature}: expected > 0")
+        if self.color_jitter < 0:
+            raise ConfigError(f"--color_jitter={self.color_jitter}: expected >= 0")
+        if not 0 <= self.random_grey <= 1:
+            raise ConfigError(f"--random_grey={self.random_grey}: expected a probability "
+                              "in [0, 1]")
         if self.graph_scope not in GRAPH_SCOPES:
             raise ConfigError(f"--graph_scope={self.graph_scope}: expected one of "
                               f"{GRAPH_SCOPES}")
@@ -142,6 +164,9 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         around the all_gather (mix + backbone, then match + loss), for strategies under
         which Keras' `compile(jit_compile=True)` cannot work
         (`mm_tf.distribute.keras_can_jit`). The mix must then use the gather crop.
+      loss, temperature: "triplet" (paper) or "supcon" with its temperature.
+      color_jitter, random_grey, input_mode: per-patch photometric jitter of the mixed
+        patches (0, 0: none) and the input mode it undoes and redoes normalisation in.
 
     Example:
       >>> backbone = backbones.build_backbone("vgg16", width=0.125)
@@ -154,7 +179,9 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
     def __init__(self, backbone: keras.Model, mix_config: mix_lib.MixConfig,
                  triplet_mode: str = "graph", margin: float = losses.MARGIN,
                  weight_decay: float = 5e-4, seed: int = 0, graph_scope: str = GLOBAL,
-                 compile_replica_step: bool = False, **kwargs):
+                 compile_replica_step: bool = False, loss: str = losses.TRIPLET,
+                 temperature: float = losses.TEMPERATURE, color_jitter: float = 0.0,
+                 random_grey: float = 0.0, input_mode: str = common.INPUT_RGB, **kwargs):
         super().__init__(**kwargs)
         if graph_scope not in GRAPH_SCOPES:
             raise ValueError(f"graph_scope must be one of {GRAPH_SCOPES}, got {graph_scope!r}")
@@ -169,10 +196,18 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         self.seed = int(seed)
         self.graph_scope = graph_scope
         self.compile_replica_step = bool(compile_replica_step)
+        if loss not in losses.LOSSES:
+            raise ValueError(f"loss must be one of {losses.LOSSES}, got {loss!r}")
+        self.loss_name = loss
+        self.temperature = float(temperature)
+        self.color_jitter = float(color_jitter)
+        self.random_grey = float(random_grey)
+        self.input_mode = input_mode
         self._kernels = training.decayed_kernels(self.features)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in (
             "loss", "triplet_loss", "weight_decay", "active_fraction", "d_ap", "d_an",
-            "num_classes", "valid_patches")}
+            "num_classes", "valid_patches") + (("supcon_loss",) if loss == losses.SUPCON
+                                               else ())}
         if self.compile_replica_step:
             self._embed_step = tf.function(self.embed, jit_compile=True)
             self._graph_step = tf.function(self.graph_terms, jit_compile=True)
@@ -199,11 +234,23 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         """Mix + backbone on one replica's images [b,H,W,C], labels [b,H,W] (images
         [image_offset, image_offset + b) of a global batch of total_images) ->
         (Patches with n = b*K, pool5 features float32 [n,s,s,D])."""
-        patches = self.mix(images, labels, mix_seed, image_offset=image_offset,
-                           total_images=total_images)
+        patches = self.jitter(self.mix(images, labels, mix_seed, image_offset=image_offset,
+                                       total_images=total_images), mix_seed, image_offset)
         features = self.features(patches.patches, training=training)
         # Distances and the margin live in float32 whatever the compute dtype.
         return patches, tf.cast(features, tf.float32)
+
+    def jitter(self, patches, mix_seed, image_offset=0):
+        """Patches -> the same with photometric jitter of every patch (none when both
+        strengths are 0); draws depend on the step's mix seed and the replica's first
+        image, so replicas never share draws."""
+        if self.color_jitter <= 0 and self.random_grey <= 0:
+            return patches
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.random.experimental.stateless_fold_in(mix_seed, _JITTER_SALT),
+            tf.cast(image_offset, tf.int32))
+        return patches._replace(patches=augment.photometric_jitter(
+            patches.patches, seed, self.color_jitter, self.random_grey, self.input_mode))
 
     def graph_terms(self, features, labels, valid, match_seed, first_anchor, num_anchors):
         """Match + triplet loss over a graph: features float32 [N,...], patch labels [N],
@@ -215,6 +262,11 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         indices, mask = self.match(labels, valid, match_seed, embeddings=embeddings)
         terms = dict(losses.triplet_loss(features, indices, mask, margin=self.margin,
                                          anchors=(first_anchor, num_anchors)))
+        if self.loss_name == losses.SUPCON:
+            # The graph's triplet statistics stay as monitors; the objective is SupCon's.
+            terms["triplet_loss"] = terms["loss"]
+            terms.update(losses.supcon_loss(features, labels, valid, self.temperature,
+                                            anchors=(first_anchor, num_anchors)))
         terms["num_classes"] = _count_classes(labels, valid)
         terms["valid_patches"] = tf.reduce_sum(tf.cast(valid, tf.float32))
         return terms
@@ -269,10 +321,13 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         variables = self.features.trainable_variables
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply(gradients, variables)
-        values = {"loss": total, "triplet_loss": terms["loss"], "weight_decay": decay,
+        values = {"loss": total, "triplet_loss": terms.get("triplet_loss", terms["loss"]),
+                  "weight_decay": decay,
                   "active_fraction": terms["active_fraction"], "d_ap": terms["d_ap"],
                   "d_an": terms["d_an"], "num_classes": terms["num_classes"],
                   "valid_patches": terms["valid_patches"]}
+        if self.loss_name == losses.SUPCON:
+            values["supcon_loss"] = terms["loss"]
         for name, value in values.items():
             self._trackers[name].update_state(value)
         return self.fit_logs({name: tracker.result()
@@ -284,8 +339,15 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
                        "triplet_mode": self.triplet_mode, "margin": self.margin,
                        "weight_decay": self.weight_decay, "seed": self.seed,
                        "graph_scope": self.graph_scope,
-                       "compile_replica_step": self.compile_replica_step})
+                       "compile_replica_step": self.compile_replica_step,
+                       "loss": self.loss_name, "temperature": self.temperature,
+                       "color_jitter": self.color_jitter, "random_grey": self.random_grey,
+                       "input_mode": self.input_mode})
         return config
+
+
+# Folded into the mix seed for the jitter draws, so they differ from the mix's own.
+_JITTER_SALT = 0x717
 
 
 def _count_classes(labels, valid):
@@ -343,7 +405,10 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                         triplet_mode=config.triplet_mode, margin=config.margin,
                         weight_decay=config.weight_decay, seed=config.seed,
                         graph_scope=config.graph_scope,
-                        compile_replica_step=config.jit_compile and not keras_jit)
+                        compile_replica_step=config.jit_compile and not keras_jit,
+                        loss=config.loss, temperature=config.temperature,
+                        color_jitter=config.color_jitter, random_grey=config.random_grey,
+                        input_mode=config.input_mode)
         optimizer = training.make_sgd(config.learning_rate, config.lr_boundaries,
                                       config.lr_decay, config.momentum)
         tuner.compile(optimizer=training.optimizer_for_precision(optimizer, config.precision),
@@ -354,7 +419,9 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
     preview_labels = preview[common.LABEL]
 
     def write_patch_grid(step):
-        patches = tuner.mix(preview_images, preview_labels, tuner.step_seeds(step)[0])
+        mix_seed = tuner.step_seeds(step)[0]
+        # The grid shows what the backbone sees: the patches after any jitter.
+        patches = tuner.jitter(tuner.mix(preview_images, preview_labels, mix_seed), mix_seed)
         grid = summaries.patch_grid(patches.patches, patches.labels, patches.valid,
                                     info.palette, config.input_mode)
         tf.summary.image("mix/patches", grid)

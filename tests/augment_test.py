@@ -159,3 +159,43 @@ def test_fill_values_rejects_unknown_names():
     np.testing.assert_allclose(
         augment.fill_values("mean", 1).numpy(), [np.mean(common.RGB_MEAN)], rtol=1e-6
     )
+
+
+def _normalised_batch(seed=0, n=6):
+    rng = np.random.default_rng(seed)
+    raw = rng.uniform(0, 255, size=(n, 8, 8, 3)).astype(np.float32)
+    return raw, raw - np.array(common.RGB_MEAN, np.float32)
+
+
+def test_photometric_jitter_off_is_identity_and_stays_in_range():
+    raw, images = _normalised_batch()
+    seed = tf.constant([1, 2], tf.int32)
+    np.testing.assert_array_equal(
+        augment.photometric_jitter(images, seed, 0.0, 0.0).numpy(), images)
+    jittered = augment.photometric_jitter(images, seed, 1.0, 0.0).numpy()
+    unit = (jittered + np.array(common.RGB_MEAN, np.float32)) / 255.0
+    assert unit.min() >= -1e-5 and unit.max() <= 1 + 1e-5
+    assert np.abs(jittered - images).max() > 1.0
+    # Each image gets its own draw: the change is not one shared map.
+    ratio = (unit.reshape(6, -1).mean(1) + 1e-3) / ((raw / 255).reshape(6, -1).mean(1) + 1e-3)
+    assert np.ptp(ratio) > 0.01
+
+
+def test_photometric_jitter_grey_and_seeded_and_equal_in_tf_function():
+    _, images = _normalised_batch(1)
+    seed = tf.constant([3, 4], tf.int32)
+    grey = augment.photometric_jitter(images, seed, 0.0, 1.0).numpy()
+    unit = grey + np.array(common.RGB_MEAN, np.float32)
+    np.testing.assert_allclose(unit[..., 0], unit[..., 1], atol=1e-3)
+    np.testing.assert_allclose(unit[..., 1], unit[..., 2], atol=1e-3)
+    eager = augment.photometric_jitter(images, seed, 0.5, 0.3).numpy()
+    graph = tf.function(lambda x, s: augment.photometric_jitter(x, s, 0.5, 0.3))(
+        tf.constant(images), seed).numpy()
+    np.testing.assert_allclose(eager, graph, atol=1e-3)
+    other = augment.photometric_jitter(images, tf.constant([3, 5], tf.int32), 0.5, 0.3)
+    assert np.abs(other.numpy() - eager).max() > 1.0
+    grey_input = images.mean(-1, keepdims=True) / 255.0
+    out = augment.photometric_jitter(grey_input - common.GREY_SHIFT, seed, 0.5, 0.0,
+                                     common.INPUT_GREY).numpy()
+    assert out.shape == grey_input.shape
+    assert (out + common.GREY_SHIFT).min() >= -1e-6 and (out + common.GREY_SHIFT).max() <= 1 + 1e-6

@@ -178,3 +178,55 @@ def test_class_weights_scale_each_pixel_by_its_class():
     np.testing.assert_allclose(weighted.numpy(),
                                plain.numpy() * np.array([[2.0, 0.5, 0.0, 0.0, 0.5]]), rtol=1e-6)
     assert float(count) == float(count_w) == 4  # The count is not weighted.
+
+
+def _supcon_by_hand(x, labels, valid, tau):
+    """SupCon L_out with numpy loops, the definition of Khosla et al. 2020 Eq. 2."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    terms = []
+    for i in range(len(x)):
+        if not valid[i]:
+            continue
+        others = [a for a in range(len(x)) if a != i and valid[a]]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(np.exp(x[i] @ x[a] / tau) for a in others)
+        terms.append(-np.mean([np.log(np.exp(x[i] @ x[p] / tau) / denominator)
+                               for p in positives]))
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def test_supcon_loss_by_hand():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 2, 2, 3)).astype(np.float32)
+    labels = np.array([0, 0, 1, 1, 1, 2, 0], np.int32)  # class 2 is a singleton
+    valid = np.array([True, True, True, True, True, True, False])
+    result = losses.supcon_loss(x, labels, valid, temperature=0.3, anchors=(0, 3))
+    np.testing.assert_allclose(float(result["loss"]), _supcon_by_hand(x, labels, valid, 0.3),
+                               rtol=1e-5)
+    rest = losses.supcon_loss(x, labels, valid, temperature=0.3, anchors=(3, 4))
+    np.testing.assert_allclose(float(result["anchor_share"] + rest["anchor_share"]),
+                               float(result["loss"]), rtol=1e-5)
+
+
+def test_supcon_is_finite_with_one_class_and_with_singletons():
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(5, 8)).astype(np.float32))
+    one_class = np.zeros(5, np.int32)
+    valid = np.ones(5, bool)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = losses.supcon_loss(x, one_class, valid, temperature=0.1)["loss"]
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(float(loss), _supcon_by_hand(x.numpy(), one_class, valid, 0.1),
+                               rtol=1e-5)
+    assert np.all(np.isfinite(tape.gradient(loss, x).numpy()))
+    singletons = np.arange(5, dtype=np.int32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = losses.supcon_loss(x, singletons, valid)["loss"]
+    assert float(loss) == 0.0
+    gradient = tape.gradient(loss, x)
+    assert gradient is None or np.all(np.isfinite(gradient.numpy()))

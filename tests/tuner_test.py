@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from mm_tf import common
+from mm_tf import losses
 from mm_tf import mix as mix_lib
 from mm_tf import training
 from mm_tf import tuner as tuner_lib
@@ -154,3 +155,33 @@ def test_image_only_data_is_refused_with_the_dataset_named():
         tuner_lib.run_tuning("/nonexistent", [("a.png", "")], datasets.images_info(),
                              pipeline.InputConfig(), MIX, tuner_lib.TuneConfig(),
                              training.LoopConfig(steps=1))
+
+
+def test_supcon_objective_and_jitter_train_with_triplet_monitors():
+    backbone = backbones.build_backbone("vgg16", width=0.0625)
+    model = tuner_lib.MMTuner(backbone, MIX, loss="supcon", temperature=0.5,
+                              color_jitter=0.5, random_grey=0.2)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    images, labels = _batch()
+    terms, patches = model.mm_terms(images, labels, tf.constant(0), training=False)
+    plain = model.mix(images, labels, model.step_seeds(0)[0])
+    # The backbone saw jittered patches: same boxes and labels, other pixels.
+    np.testing.assert_array_equal(patches.labels.numpy(), plain.labels.numpy())
+    assert np.abs(patches.patches.numpy() - plain.patches.numpy()).max() > 1.0
+    features = model.features(patches.patches, training=False)
+    expected = losses.supcon_loss(features, patches.labels, patches.valid, 0.5)["loss"]
+    np.testing.assert_allclose(float(terms["loss"]), float(expected), rtol=1e-5)
+    assert "triplet_loss" in terms and float(terms["triplet_loss"]) >= 0
+    logs = model.train_step({common.IMAGE: images, common.LABEL: labels})
+    assert np.isfinite(float(logs["supcon_loss"])) and float(logs["supcon_loss"]) > 0
+    np.testing.assert_allclose(float(logs["loss"]),
+                               float(logs["supcon_loss"]) + float(logs["weight_decay"]),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,flag", [("loss", "hinge", "--loss"),
+                                               ("temperature", 0.0, "--temperature"),
+                                               ("random_grey", 1.5, "--random_grey")])
+def test_bad_loss_settings_name_the_flag(field, value, flag):
+    with pytest.raises(ConfigError, match=flag):
+        dataclasses.replace(tuner_lib.TuneConfig(), **{field: value}).validate()

@@ -118,3 +118,67 @@ def augment(
     if flip:
         image, label = random_flip(image, label, flip_seed)
     return image, label
+
+
+# ----- Photometric jitter of network-input patches (M&M batches; beyond the paper) -----
+
+# YIQ <-> RGB (NTSC), for hue rotation as a linear map per patch.
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def _to_unit(images, input_mode):
+    """Network input [N,H,W,C] -> the same pixels in [0, 1] (RGB, or grey for C=1)."""
+    if input_mode == common.INPUT_RGB:
+        return (images + tf.constant(common.RGB_MEAN, tf.float32)) / 255.0
+    return images + common.GREY_SHIFT
+
+
+def _from_unit(images, input_mode):
+    """Inverse of `_to_unit`."""
+    if input_mode == common.INPUT_RGB:
+        return images * 255.0 - tf.constant(common.RGB_MEAN, tf.float32)
+    return images - common.GREY_SHIFT
+
+
+def photometric_jitter(images, seed, strength: float, grey_probability: float,
+                       input_mode: str = common.INPUT_RGB):
+    """Colour-jitter each image of a normalised batch [N,H,W,C] -> float32 [N,H,W,C].
+
+    Per image, with independent stateless draws (SimCLR's colour distortion, Chen et al.
+    2020, applied in this order): brightness x U[1-0.8s, 1+0.8s], contrast about the
+    image mean x U[1-0.8s, 1+0.8s], and for RGB saturation x U[1-0.8s, 1+0.8s] and hue
+    rotated by U[-0.2s, 0.2s] turns; then, for RGB, grey (luma in all channels) with
+    probability `grey_probability`; values clipped to the valid [0, 1] range of the
+    input mode. s = `strength`; s = 0 and p = 0 return the images unchanged.
+    """
+    images = tf.cast(images, tf.float32)
+    if strength <= 0 and grey_probability <= 0:
+        return images
+    n = tf.shape(images)[0]
+    draws = tf.random.stateless_uniform([n, 5], seed, dtype=tf.float32)
+    spread = 0.8 * strength
+
+    def factor(column):
+        return (1.0 + spread * (2.0 * draws[:, column] - 1.0))[:, None, None, None]
+
+    x = _to_unit(images, input_mode) * factor(0)
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * factor(1) + mean
+    if input_mode == common.INPUT_RGB:
+        yiq = tf.constant(_RGB_TO_YIQ, tf.float32)
+        luma = tf.reduce_sum(x * yiq[0], axis=-1, keepdims=True)
+        x = luma + (x - luma) * factor(2)
+        angle = 2.0 * 3.141592653589793 * 0.2 * strength * (2.0 * draws[:, 3] - 1.0)
+        cos, sin = tf.cos(angle), tf.sin(angle)
+        one, zero = tf.ones_like(cos), tf.zeros_like(cos)
+        # Rotation of the (I, Q) chroma plane, Y kept: [N, 3, 3] in YIQ.
+        rotation = tf.stack([tf.stack([one, zero, zero], -1),
+                             tf.stack([zero, cos, -sin], -1),
+                             tf.stack([zero, sin, cos], -1)], -2)
+        to_rgb = tf.linalg.inv(yiq)
+        transform = tf.einsum("ij,njk,kl->nil", to_rgb, rotation, yiq)
+        x = tf.einsum("nij,nhwj->nhwi", transform, x)
+        grey = draws[:, 4] < grey_probability
+        luma = tf.reduce_sum(x * yiq[0], axis=-1, keepdims=True)
+        x = tf.where(grey[:, None, None, None], tf.broadcast_to(luma, tf.shape(x)), x)
+    return _from_unit(tf.clip_by_value(x, 0.0, 1.0), input_mode)
