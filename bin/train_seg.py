@@ -43,6 +43,10 @@ flags.DEFINE_string("init", "random",
 flagdefs.define_optimizer_flags(lr_boundaries=[24000, 36000],
                                 boundary_unit="Optimizer updates",
                                 decay_on="conv/dense kernels")
+flags.DEFINE_integer("warmup_steps", 0, "Linear learning-rate warm-up over the first "
+                     "updates (0 = none, the paper).")
+flags.DEFINE_float("backbone_lr_multiplier", 1.0, "Backbone learning rate relative to the "
+                   "head's (Caffe lr_mult; 1.0 = one rate, the paper).")
 flags.DEFINE_integer("iter_size", 2,
                      "Micro-batches of --batch_size images per optimizer update (Caffe's "
                      "iter_size; gradients averaged). --steps counts updates.")
@@ -79,7 +83,9 @@ def main(argv):
             input_mode=FLAGS.input_mode, init=FLAGS.init, iter_size=FLAGS.iter_size,
             class_weighting=FLAGS.class_weighting, seed=FLAGS.seed,
             jit_compile=FLAGS.jit_compile, bn_recompute_batches=FLAGS.bn_recompute_batches,
-            precision=FLAGS.precision, **flagdefs.optimizer_kwargs_from_flags())
+            precision=FLAGS.precision, warmup_steps=FLAGS.warmup_steps,
+            backbone_lr_multiplier=FLAGS.backbone_lr_multiplier,
+            **flagdefs.optimizer_kwargs_from_flags())
         # Where bin/evaluate.py finds the evaluation data by default.
         data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),
                 "split": FLAGS.eval_split, "num_classes": FLAGS.num_classes,

@@ -128,6 +128,11 @@ class SegConfig:
       seed: base seed of the stateless point sampling.
       jit_compile: compile the train step with XLA (under several replicas: each
         replica's micro-batch step, see `Segmenter`).
+      warmup_steps: linear learning-rate warm-up over the first updates (0: none, the
+        paper; TF Model Garden's segmentation configs warm up).
+      backbone_lr_multiplier: the backbone's learning rate relative to the head's
+        (Caffe's lr_mult; 1.0: one rate, the paper). Implemented by scaling the
+        backbone's gradients, which for SGD with momentum and coupled decay is the same.
       bn_recompute_batches: after training, replace every BN layer's moving statistics
         by their average over this many training batches ("precise BN"); 0 (the paper)
         keeps the moving averages. For short CPU runs: with Keras' momentum 0.99 the
@@ -152,10 +157,17 @@ class SegConfig:
     jit_compile: bool = False
     bn_recompute_batches: int = 0
     precision: str = training.FLOAT32
+    warmup_steps: int = 0
+    backbone_lr_multiplier: float = 1.0
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag of an invalid value."""
         training.check_precision(self.precision)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.backbone_lr_multiplier < 0:
+            raise ConfigError(f"--backbone_lr_multiplier must be >= 0, got "
+                              f"{self.backbone_lr_multiplier}")
         if self.iter_size < 1:
             raise ConfigError(f"--iter_size must be >= 1, got {self.iter_size}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
@@ -200,7 +212,8 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
     def __init__(self, network: keras.Model, weight_decay: float = 5e-4, iter_size: int = 1,
                  class_weights: Optional[Sequence[float]] = None,
                  ignore_label: int = common.IGNORE_LABEL, seed: int = 0,
-                 compile_replica_step: bool = False, **kwargs):
+                 compile_replica_step: bool = False, backbone_lr_multiplier: float = 1.0,
+                 **kwargs):
         super().__init__(**kwargs)
         if int(iter_size) < 1:
             raise ValueError(f"iter_size must be >= 1, got {iter_size}")
@@ -216,6 +229,12 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
         self.ignore_label = int(ignore_label)
         self.seed = int(seed)
         self.compile_replica_step = bool(compile_replica_step)
+        self.backbone_lr_multiplier = float(backbone_lr_multiplier)
+        backbone = getattr(network, "backbone", None)
+        if backbone is None and self.backbone_lr_multiplier != 1.0:
+            raise ValueError("backbone_lr_multiplier needs a network with a `backbone`")
+        self._backbone_variables = ({id(v) for v in backbone.trainable_variables}
+                                    if backbone is not None else set())
         self._micro_step = (tf.function(self.micro_step, jit_compile=True)
                             if self.compile_replica_step else self.micro_step)
         self.train_with_sampling = bool(getattr(network, "train_with_sampling", False))
@@ -311,6 +330,9 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
             cross_entropies.append(cross_entropy)
             self._update_pixel_metrics(logits, targets)
         pairs = [(g, v) for g, v in zip(accumulated, variables) if g is not None]
+        if self.backbone_lr_multiplier != 1.0:
+            pairs = [(g * self.backbone_lr_multiplier if id(v) in self._backbone_variables
+                      else g, v) for g, v in pairs]
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
         cross_entropy = tf.add_n(cross_entropies) / float(self.iter_size)
         values = {"loss": cross_entropy + decay, "cross_entropy": cross_entropy,
@@ -333,7 +355,8 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
         config.update(network=keras.saving.serialize_keras_object(self.network),
                       weight_decay=self.weight_decay, iter_size=self.iter_size,
                       class_weights=self.class_weights, ignore_label=self.ignore_label,
-                      seed=self.seed, compile_replica_step=self.compile_replica_step)
+                      seed=self.seed, compile_replica_step=self.compile_replica_step,
+                      backbone_lr_multiplier=self.backbone_lr_multiplier)
         return config
 
     @classmethod
@@ -562,9 +585,11 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
         segmenter = Segmenter(network, weight_decay=config.weight_decay,
                               iter_size=config.iter_size, class_weights=class_weights,
                               seed=config.seed,
-                              compile_replica_step=config.jit_compile and not keras_jit)
+                              compile_replica_step=config.jit_compile and not keras_jit,
+                              backbone_lr_multiplier=config.backbone_lr_multiplier)
         optimizer = training.make_sgd(config.learning_rate, config.lr_boundaries,
-                                      config.lr_decay, config.momentum)
+                                      config.lr_decay, config.momentum,
+                                      warmup_steps=config.warmup_steps)
         segmenter.compile(
             optimizer=training.optimizer_for_precision(optimizer, config.precision),
             jit_compile=keras_jit)

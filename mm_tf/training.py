@@ -83,9 +83,36 @@ class LoopConfig:
                     f"--log_every={self.log_every}")
 
 
-def make_sgd(learning_rate: float, boundaries, decay: float, momentum: float):
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(step) = schedule(step) * min(1, (step + 1) / warmup_steps): a linear ramp over
+    the first updates (as TF Model Garden's `linear` warm-up), then the schedule.
+
+    Args:
+      schedule: a LearningRateSchedule or a constant learning rate.
+      warmup_steps: updates of the ramp (>= 1).
+    """
+
+    def __init__(self, schedule, warmup_steps: int):
+        self.schedule = schedule
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        base = (self.schedule(step) if callable(self.schedule)
+                else tf.constant(self.schedule, tf.float32))
+        return base * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+    def get_config(self):
+        schedule = (keras.optimizers.schedules.serialize(self.schedule)
+                    if callable(self.schedule) else self.schedule)
+        return {"schedule": schedule, "warmup_steps": self.warmup_steps}
+
+
+def make_sgd(learning_rate: float, boundaries, decay: float, momentum: float,
+             warmup_steps: int = 0):
     """SGD with momentum and a step schedule: lr x decay from each boundary step on
-    (Caffe 'multistep': the update at iteration b already uses the dropped rate)."""
+    (Caffe 'multistep': the update at iteration b already uses the dropped rate), after
+    a linear warm-up over `warmup_steps` updates (0: none, the paper)."""
     # Keras switches values only when step > boundary; Caffe when iter >= stepvalue.
     boundaries = [int(b) - 1 for b in boundaries]
     if boundaries:
@@ -93,6 +120,8 @@ def make_sgd(learning_rate: float, boundaries, decay: float, momentum: float):
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     else:
         lr = learning_rate
+    if warmup_steps:
+        lr = LinearWarmup(lr, warmup_steps)
     return keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
 
 

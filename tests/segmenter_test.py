@@ -257,3 +257,46 @@ def test_image_only_data_is_refused_with_the_dataset_named(tmp_path):
         seg.run_segmentation(str(tmp_path), [("a.png", "")], [("a.png", "")],
                              datasets.images_info(), pipeline.InputConfig(), seg.SegConfig(),
                              training.LoopConfig(steps=1))
+
+
+class TwoPartSeg(keras.Model):
+    """Per-pixel Dense "backbone" then Dense head: [B,H,W,C] -> [B,H,W,K]."""
+
+    train_with_sampling = False
+
+    def __init__(self, num_classes, channels):
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = keras.layers.Dense(channels, kernel_initializer=
+                                           keras.initializers.GlorotUniform(1))
+        self.head = keras.layers.Dense(num_classes, kernel_initializer=
+                                       keras.initializers.GlorotUniform(2))
+        self.backbone.build((None, channels))
+        self.head.build((None, channels))
+        self.built = True
+
+    def call(self, images, training=None):
+        return self.head(self.backbone(images))
+
+
+def test_backbone_lr_multiplier_scales_only_the_backbone_update():
+    rng = np.random.default_rng(3)
+    batch = {common.IMAGE: tf.constant(rng.normal(size=(2, 4, 4, 3)), tf.float32),
+             common.LABEL: tf.constant(rng.integers(0, 4, size=(2, 4, 4)), tf.int32)}
+    moved = {}
+    for multiplier in (1.0, 0.25):
+        network = TwoPartSeg(4, 3)
+        start = [v.numpy().copy() for v in network.weights]
+        model = seg.Segmenter(network, weight_decay=0.01, backbone_lr_multiplier=multiplier)
+        model.compile(optimizer=training.make_sgd(0.1, (), 0.1, 0.9))
+        model.train_step(batch)
+        in_backbone = [any(v is b for b in network.backbone.weights) for v in network.weights]
+        moved[multiplier] = [v.numpy() - s for v, s in zip(network.weights, start)]
+    assert sum(in_backbone) == 2 and len(in_backbone) == 4
+    for delta, scaled, backbone in zip(moved[1.0], moved[0.25], in_backbone):
+        # First update of momentum SGD: lr x gradient, the backbone's scaled by 0.25.
+        assert np.abs(delta).max() > 0
+        np.testing.assert_allclose(scaled, (0.25 if backbone else 1.0) * delta, rtol=1e-4,
+                                   atol=1e-7)
+    with pytest.raises(ValueError, match="backbone"):
+        seg.Segmenter(LinearSeg(4, 3, seed=7), backbone_lr_multiplier=0.5)

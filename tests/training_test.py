@@ -161,3 +161,13 @@ def test_sgd_step_schedule():
         opt.iterations.assign(step)
         rates.append(float(opt.learning_rate))
     np.testing.assert_allclose(rates, [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001], rtol=1e-5)
+
+
+def test_linear_warmup_then_step_schedule():
+    opt = training.make_sgd(0.01, [6], 0.1, 0.9, warmup_steps=4)
+    opt.build([tf.Variable(1.0)])
+    rates = []
+    for step in (0, 1, 3, 5, 6):
+        opt.iterations.assign(step)
+        rates.append(float(opt.learning_rate))
+    np.testing.assert_allclose(rates, [0.0025, 0.005, 0.01, 0.01, 0.001], rtol=1e-5)
