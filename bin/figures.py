@@ -1,5 +1,6 @@
 """Draws the figures of a finished bin/pipeline.py work folder into <workdir>/figures/
-and embeds them in its report.md: t-SNE of val patch features before vs after M&M, the
+and embeds them in its report.md: t-SNE of train and val patch features (the online
+probe's banks, titled with their 5-NN accuracies) before vs after M&M, the
 images where naive and M&M predictions differ most, Grad-CAM of both segmentation
 networks, and (with reports of several graph sizes) the graph-size study; also writes a
 TensorBoard projector log dir <workdir>/projector (before_mm, after_mm embeddings).
@@ -30,8 +31,10 @@ flags.DEFINE_string("workdir", None, "A finished bin/pipeline.py folder (report.
 flags.DEFINE_string("mm_arm", None, "M&M arm to show (default: the first <init>+mm arm).")
 flags.DEFINE_integer("max_images", 0, "Val images predicted for the grid (0 = all).")
 flags.DEFINE_integer("rows", 4, "Images in the qualitative grid and Grad-CAM figure.")
-flags.DEFINE_integer("max_patches", 600, "Patches in the t-SNE and the projector.")
-flags.DEFINE_integer("seed", 0, "Seed of the patch sample and t-SNE.")
+flags.DEFINE_integer("max_patches", 600, "Patches per split (train, val) in the t-SNE and "
+                     "the projector (val), in whole crops.")
+flags.DEFINE_string("train_split", "train", "Split of the train patch bank.")
+flags.DEFINE_integer("seed", 0, "Seed of the patch banks and t-SNE.")
 flags.DEFINE_float("perplexity", 30.0, "t-SNE perplexity.")
 flags.DEFINE_string("gradcam_class", None, "Class name for Grad-CAM (default: the "
                     "non-background class with most pixels in the shown images).")
@@ -55,7 +58,7 @@ def main(argv):
         mm_arm=FLAGS.mm_arm, max_images=FLAGS.max_images, rows=FLAGS.rows,
         max_patches=FLAGS.max_patches, seed=FLAGS.seed, perplexity=FLAGS.perplexity,
         gradcam_class=FLAGS.gradcam_class, gradcam_layer=FLAGS.gradcam_layer,
-        projector=FLAGS.projector,
+        projector=FLAGS.projector, train_split=FLAGS.train_split,
         graph_workdirs=tuple(FLAGS.graph_workdirs))
     try:
         manifest = pipeline_figures.make_figures(FLAGS.workdir, config)

@@ -60,6 +60,29 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
 
 
+def define_probe_flags() -> None:
+    """The online probe of M&M tuning (mm_tf/probe.py); off unless --probe_every > 0."""
+    flags.DEFINE_integer("probe_every", 0, "Steps between probes of the features (k-NN "
+                         "accuracy and collapse measures on fixed patch banks), a multiple "
+                         "of --log_every; 0 = off.")
+    flags.DEFINE_string("probe_split", "val", "Held-out split of the probe's second bank.")
+    flags.DEFINE_integer("probe_images", 64, "Crops sampled per split for the probe banks "
+                         "(each gives --patches_per_image patches).")
+    flags.DEFINE_integer("probe_seed", 0, "Seed of the probe banks (independent of --seed).")
+    flags.DEFINE_integer("probe_k", 5, "Neighbours of the probe's k-NN accuracies.")
+    flags.DEFINE_bool("keep_best_probe", False, "Write the backbone of the step with the "
+                      "best probe/knn_val as backbone.weights.h5 (the last step's as "
+                      "backbone_last.weights.h5). Model selection on --probe_split.")
+
+
+def probe_config_from_flags():
+    """ProbeConfig from the probe flags."""
+    from mm_tf import probe  # pylint: disable=import-outside-toplevel
+    return probe.ProbeConfig(every=FLAGS.probe_every, split=FLAGS.probe_split,
+                             images=FLAGS.probe_images, seed=FLAGS.probe_seed,
+                             k=FLAGS.probe_k, keep_best=FLAGS.keep_best_probe)
+
+
 def define_optimizer_flags(lr_boundaries=(), boundary_unit: str = "Steps",
                            decay_on: str = "conv kernels") -> None:
     """SGD with momentum, a step schedule and coupled L2 decay (defaults: the paper's)."""
@@ -154,11 +177,12 @@ def _make_missing_demo_data() -> None:
         synthetic.generate_demo_dataset(FLAGS.data_dir)
 
 
-def dataset_from_flags():
-    """Reads the flagged data set: (pairs, info); generates the demo data if needed."""
+def dataset_from_flags(split=None):
+    """Reads the flagged data set (--split, or `split`): (pairs, info); generates the demo
+    data if needed."""
     from mm_tf.data import datasets  # pylint: disable=import-outside-toplevel
     _make_missing_demo_data()
-    return datasets.read_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.split,
+    return datasets.read_dataset(FLAGS.dataset, FLAGS.data_dir, split or FLAGS.split,
                                  list_file=FLAGS.list_file, num_classes=FLAGS.num_classes,
                                  ignore_label=FLAGS.ignore_label)
 

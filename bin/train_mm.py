@@ -9,7 +9,9 @@ Defaults are the paper's/release's values. Examples:
 
 Outputs in --workdir: checkpoints/ (a rerun resumes), tensorboard/train,
 backbone.weights.h5 (for bin/train_seg.py --init) and summary.json. Many GPUs or
-machines: --strategy, --graph_scope, docs/distributed.md.
+machines: --strategy, --graph_scope, docs/distributed.md. --probe_every=N probes the
+features on fixed train/--probe_split patch banks (probe_history.json, TensorBoard
+probe/*); --keep_best_probe keeps the best probed step's backbone (mm_tf/probe.py).
 """
 
 import flagdefs
@@ -51,6 +53,7 @@ flags.DEFINE_float("color_jitter", 0.0, "Photometric jitter strength of each mix
 flags.DEFINE_float("random_grey", 0.0, "Probability that a mixed patch is made grey "
                    "(RGB input; 0 = never, the paper).")
 flagdefs.define_optimizer_flags(lr_boundaries=[6000])
+flagdefs.define_probe_flags()
 flags.mark_flag_as_required("workdir")
 
 
@@ -74,7 +77,11 @@ def main(argv):
             color_jitter=FLAGS.color_jitter, random_grey=FLAGS.random_grey,
             **flagdefs.optimizer_kwargs_from_flags())
         config.validate()
+        probe = flagdefs.probe_config_from_flags()
+        probe.validate(loop.log_every)
         pairs, info = flagdefs.dataset_from_flags()
+        probe_pairs = (flagdefs.dataset_from_flags(FLAGS.probe_split)[0]
+                       if probe.enabled else None)
         background = FLAGS.background_class
         if background is None:
             background = info.background_class
@@ -86,7 +93,8 @@ def main(argv):
             class_balanced=FLAGS.class_balanced)
         summary = tuner.run_tuning(FLAGS.workdir, pairs, info,
                                    flagdefs.input_config_from_flags(), mix_config, config,
-                                   loop, strategy=strategy)
+                                   loop, strategy=strategy, probe=probe,
+                                   probe_pairs=probe_pairs)
     print(f"M&M tuning done: {summary['steps']} steps in {summary['seconds']:.1f}s on "
           f"{summary['num_replicas']} replica(s), {summary['graph_nodes']} nodes per graph; "
           f"backbone weights: {summary['backbone_weights']}")

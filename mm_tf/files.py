@@ -24,3 +24,9 @@ def write_text_atomic(path: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path` (one written by `write_json_atomic`)."""
+    with open(path) as f:
+        return json.load(f)

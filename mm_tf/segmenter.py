@@ -602,7 +602,8 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
                 if loop.image_every else None)
     started = time.time()
     result = training.fit_resumable(segmenter, make_dataset, workdir, loop,
-                                    image_fn=image_fn, scalar_names=SCALAR_NAMES)
+                                    image_fn=image_fn, scalar_names=SCALAR_NAMES,
+                                    backbone=network.backbone)
 
     if config.bn_recompute_batches:
         # A fixed stream (not the resumed one): rerunning a finished run gives the same
@@ -643,6 +644,8 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
         "precision": config.precision,
         "model_weights": weights_path,
         "model_config": config_path,
+        # How far fine-tuning moved each backbone kernel from its init (hooks.py).
+        **result["fields"],
         "config": {"seg": dataclasses.asdict(config), "input": dataclasses.asdict(input_config),
                    "loop": dataclasses.asdict(loop),
                    "inference": dataclasses.asdict(eval_config), "dataset": info.name,

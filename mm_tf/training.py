@@ -27,13 +27,14 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import keras
 import tensorflow as tf
 
 from mm_tf import distribute
 from mm_tf import files
+from mm_tf import hooks as hooks_lib
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
 from mm_tf.models import weights as weights_lib
@@ -249,7 +250,9 @@ def restore_or_init(model: keras.Model, checkpoint_dir: str, keep: int = 3,
 def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Dataset],
                   workdir: str, config: LoopConfig, *,
                   image_fn: Optional[Callable[[int], None]] = None,
-                  scalar_names: Optional[dict] = None) -> dict:
+                  scalar_names: Optional[dict] = None,
+                  backbone: Optional[keras.Model] = None,
+                  hooks: Sequence[hooks_lib.StageHook] = ()) -> dict:
     """Trains `model` (compiled) to `config.steps`, resuming from `workdir/checkpoints`.
 
     Args:
@@ -264,10 +267,15 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
       config: the loop schedule.
       image_fn: step -> None, writes image summaries (called inside the writer context).
       scalar_names: Keras log key -> TensorBoard tag (e.g. "loss" -> "losses/total").
+      backbone: the backbone the stage trains, if any: its layer movement is logged
+        (`hooks.MovementHook`: `movement/<layer>`, and the summary fields).
+      hooks: more `hooks.StageHook`s (e.g. the M&M probe), run after the checkpoint of
+        each window end.
 
     Returns:
-      dict(steps, start_step, seconds, logs, chief) where logs are the last window's
-      metrics and chief tells whether this task wrote into `workdir`.
+      dict(steps, start_step, seconds, logs, chief, fields) where logs are the last
+      window's metrics, chief tells whether this task wrote into `workdir` and fields
+      are the hooks' summary fields (`movement` when a backbone is given).
 
     Raises:
       TrainingDivergedError: the loss became NaN/inf (the message names the step and the
@@ -286,18 +294,29 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
                               "flags")
         writer = tf.summary.create_file_writer(os.path.join(write_dir, "tensorboard", "train"))
         callback = _WindowCallback(manager, writer, config, image_fn, scalar_names or {})
+        stage_hooks = ([hooks_lib.MovementHook(backbone)] if backbone is not None else []
+                       ) + list(hooks)
         started = time.time()
+        for hook in stage_hooks:
+            hook.set_model(model)
+            hook.begin(writer, write_dir, start_step, distribute.is_chief(strategy))
+        # The window callback first: a hook's files are never ahead of the checkpoint.
+        callbacks = [callback, *stage_hooks]
         if start_step < full_windows * config.log_every:
             model.fit(make_dataset(start_step),
                       steps_per_epoch=config.log_every,
                       epochs=full_windows,
                       initial_epoch=start_step // config.log_every,
-                      callbacks=[callback], verbose=config.verbose)
+                      callbacks=callbacks, verbose=config.verbose)
         done = int(model.optimizer.iterations.numpy())
         if done < config.steps and callback.diverged_at is None:
             # Keras epochs have one length per fit call: the remainder is a second call.
             model.fit(make_dataset(done), steps_per_epoch=config.steps - done, epochs=1,
-                      callbacks=[callback], verbose=config.verbose)
+                      callbacks=callbacks, verbose=config.verbose)
+        fields = {}
+        if callback.diverged_at is None:
+            for hook in stage_hooks:
+                fields.update(hook.end())
         writer.close()
     if callback.diverged_at is not None:
         kept = (tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
@@ -307,7 +326,7 @@ def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Data
             f"Last good checkpoint: {kept}. Lower the learning rate or check the data.")
     return {"steps": int(model.optimizer.iterations.numpy()), "start_step": start_step,
             "seconds": time.time() - started, "logs": callback.last_logs,
-            "chief": distribute.is_chief(strategy)}
+            "chief": distribute.is_chief(strategy), "fields": fields}
 
 
 def resumable_train_data(pairs, info, input_config: pipeline.InputConfig,
@@ -324,14 +343,16 @@ def run_backbone_stage(model: keras.Model, backbone: keras.Model,
                        make_dataset: Callable[[int], tf.data.Dataset], workdir: str,
                        config: LoopConfig, *, stage: str, fields: dict,
                        image_fn: Optional[Callable[[int], None]] = None,
-                       scalar_names: Optional[dict] = None) -> dict:
+                       scalar_names: Optional[dict] = None,
+                       hooks: Sequence[hooks_lib.StageHook] = ()) -> dict:
     """Trains a stage whose product is a backbone (proxy tasks, M&M tuning): runs
-    `fit_resumable`, then the chief writes `workdir/backbone.weights.h5` and
-    `workdir/summary.json` (stage, steps, resumed_from_step, seconds, last window's
-    metrics, backbone_weights, plus the stage's own `fields`); returns the summary."""
+    `fit_resumable` (with the backbone's movement and `hooks`), then the chief writes
+    `workdir/backbone.weights.h5` and `workdir/summary.json` (stage, steps,
+    resumed_from_step, seconds, last window's metrics, backbone_weights, movement, the
+    hooks' fields, plus the stage's own `fields`); returns the summary."""
     started = time.time()
     result = fit_resumable(model, make_dataset, workdir, config, image_fn=image_fn,
-                           scalar_names=scalar_names)
+                           scalar_names=scalar_names, backbone=backbone, hooks=hooks)
     weights_path = os.path.join(workdir, "backbone.weights.h5")
     summary = {
         "stage": stage,
@@ -340,6 +361,7 @@ def run_backbone_stage(model: keras.Model, backbone: keras.Model,
         "seconds": time.time() - started,
         "metrics": result["logs"],
         "backbone_weights": weights_path,
+        **result["fields"],
         **fields,
     }
     if result["chief"]:

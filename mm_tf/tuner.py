@@ -48,6 +48,7 @@ from mm_tf.errors import ConfigError
 from mm_tf import losses
 from mm_tf import match as match_lib
 from mm_tf import mix as mix_lib
+from mm_tf import probe as probe_lib
 from mm_tf import summaries
 from mm_tf import training
 from mm_tf.data import augment
@@ -372,8 +373,8 @@ def build_backbone_from(config: TuneConfig) -> keras.Model:
 
 def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                mix_config: mix_lib.MixConfig, config: TuneConfig,
-               loop: training.LoopConfig, strategy: Optional[tf.distribute.Strategy] = None
-               ) -> dict:
+               loop: training.LoopConfig, strategy: Optional[tf.distribute.Strategy] = None,
+               probe: Optional[probe_lib.ProbeConfig] = None, probe_pairs=None) -> dict:
     """Trains M&M on (pairs, info) into `workdir`, resuming if it holds checkpoints.
 
     `input_config.batch_size` is the global batch: under `strategy` each of its R
@@ -383,9 +384,12 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
 
     Writes `workdir/backbone.weights.h5` (the tuned backbone for segmentation) and
     `workdir/summary.json` (in multi-worker training: the chief only); returns the
-    summary dict.
+    summary dict. With `probe` enabled, the online probe (`mm_tf.probe`) embeds fixed
+    patch banks of `pairs` and of `probe_pairs` (the held-out split) during training.
     """
     config.validate()
+    probe = probe or probe_lib.ProbeConfig()
+    probe.validate(loop.log_every)
     # The gather-based crop exists for XLA (no CropAndResize kernel); in graph mode the
     # TF op is ~4x faster (measured), so the crop follows the compile mode.
     mix_config = dataclasses.replace(mix_config, use_gather_resize=config.jit_compile)
@@ -432,6 +436,8 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
         tuner, tuner.backbone, training.resumable_train_data(pairs, info, input_config),
         workdir, loop, stage="mm_tuning", image_fn=write_patch_grid,
         scalar_names=SCALAR_NAMES,
+        hooks=probe_hooks(tuner, pairs, probe_pairs, info, input_config, mix_config, probe,
+                          loop.steps),
         fields={
             # Nodes of one graph: the global batch's patches, or one replica's.
             "graph_nodes": graph_images * mix_config.patches_per_image,
@@ -445,4 +451,23 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
             "config": {"tune": dataclasses.asdict(config),
                        "mix": dataclasses.asdict(mix_config),
                        "input": dataclasses.asdict(input_config),
-                       "loop": dataclasses.asdict(loop), "dataset": info.name}})
+                       "loop": dataclasses.asdict(loop),
+                       "probe": dataclasses.asdict(probe), "dataset": info.name}})
+
+
+# ----------------------------------------------------------------------------------------
+# The online probe of the M&M stage (mm_tf/probe.py), outside the compiled step.
+# ----------------------------------------------------------------------------------------
+
+def probe_hooks(tuner: MMTuner, pairs, probe_pairs, info, input_config: pipeline.InputConfig,
+                mix_config: mix_lib.MixConfig, probe: probe_lib.ProbeConfig,
+                steps: int) -> list:
+    """[] when the probe is off, else [a ProbeHook over banks of `pairs` (train) and
+    `probe_pairs` (the probe split) embedded by the tuner's pool5 model]."""
+    if not probe.enabled:
+        return []
+    if not probe_pairs:
+        raise ConfigError(f"--probe_split={probe.split}: no images to probe (or set "
+                          "--probe_every=0)")
+    bank = probe_lib.make_probe(pairs, probe_pairs, info, input_config, mix_config, probe)
+    return [probe_lib.ProbeHook(bank, tuner.features, tuner.backbone, probe, steps)]

@@ -1,6 +1,6 @@
 """mm_tf/viz/figures.py: every figure writes a non-empty PNG with the expected panels on
 tiny inputs; Grad-CAM by tf-keras-vis equals the GradientTape fallback; the helpers
-(k-NN accuracy, most-different images, Grad-CAM layer) by hand; report.md embedding."""
+(most-different images, Grad-CAM layer) by hand; report.md embedding."""
 
 import keras
 import numpy as np
@@ -22,18 +22,22 @@ def _png_size(path):
         return image.size
 
 
-def test_tsne_figure_two_panels(tmp_path):
+def test_tsne_figure_grid_of_panels(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 10)
     before = rng.normal(size=(30, 8))
     after = before + 4.0 * np.eye(8)[labels]  # Class-separated.
+    # A train row of two panels and a val panel of another size and classes below.
+    val_labels = np.array([0, 1, 3, 3, 1, 0, 3, 1])
     path = tmp_path / "tsne.png"
-    axes = figures.tsne_figure([("before M&M", before), ("after M&M", after)], labels,
-                               CLASS_NAMES, PALETTE, str(path), perplexity=5)
-    assert axes == 2
+    assert figures.tsne_figure([("before, train", before, labels), ("after, train", after, labels),
+                                ("after, val", rng.normal(size=(8, 8)), val_labels)],
+                               CLASS_NAMES, PALETTE, str(path), accuracies=[0.1, 0.2, 0.3],
+                               columns=2, perplexity=2) == 3  # the empty cell is removed
     width, height = _png_size(path)
-    assert width > height  # Side by side.
-    assert figures.knn_accuracy(after, labels) == 1.0
+    assert height > 0.8 * width  # two rows of two columns
+    with pytest.raises(ValueError, match="labels"):
+        figures.tsne_figure([("x", before, labels[:5])], CLASS_NAMES, PALETTE, str(path))
 
 
 def test_graph_size_figure(tmp_path):
@@ -69,13 +73,6 @@ def test_most_different():
     b = [np.ones((2, 2)), np.zeros((2, 2)), np.array([[1, 1], [0, 0]])]
     # Image 0: 3/3 labelled pixels differ; image 2: 1/3 (its (0,0) is ignored); image 1: 0.
     assert figures.most_different(a, b, [truth] * 3, 2) == [0, 2]
-
-
-def test_knn_accuracy_by_hand():
-    features = np.array([[0.0], [0.1], [5.0], [5.1], [0.2]])
-    labels = np.array([0, 0, 1, 1, 1])
-    # k=1: 0->1 (0 ok), 1->0 (ok), 2->3 (ok), 3->2 (ok), 4->1 (label 0, wrong).
-    assert figures.knn_accuracy(features, labels, k=1) == pytest.approx(0.8)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,9 @@ def _pipeline(root, data_dir, info, batch, seed):
         "backbone_weights": str(mm_dir / "backbone.weights.h5"),
         "config": {"tune": {"backbone": "vgg16", "width": 0.0625, "input_mode": "rgb",
                             "init": "random", "seed": seed, "triplet_mode": "graph"},
-                   "mix": MIX, "dataset": "demo"}}))
+                   "mix": MIX, "dataset": "demo",
+                   "input": {"crop_size": 64, "batch_size": batch, "min_scale": 0.75,
+                             "max_scale": 1.25, "input_mode": "rgb", "seed": 0}}}))
     config = segmenter.SegConfig(backbone="vgg16", head="hypercolumn", width=0.0625)
     model_config = segmenter.model_config_dict(
         config, info, {"dataset": "demo", "data_dir": str(data_dir), "split": "val"})
@@ -72,7 +74,10 @@ def test_make_figures_on_a_pipeline_folder(small_demo_dir, tmp_path):
                                            graph_workdirs=(str(other),))
     manifest = pipeline_figures.make_figures(str(workdir), config, log=lambda _: None)
     assert manifest["naive_arm"] == "random" and manifest["mm_arm"] == "random+mm"
-    assert manifest["patches"] == 16  # 4 val images x 4 patches, under the cap.
+    # 24 // 4 = 6 crops per split: 6 of the 16 train images, all 4 val images.
+    assert manifest["patches"] == {"train": 24, "val": 16}
+    for scores in manifest["knn_accuracy"].values():
+        assert 0 <= scores["knn_val"] <= 1 and 0 <= scores["knn_train_loo"] <= 1
     np.testing.assert_allclose(sorted(manifest["graph_points"]), [(8, 0.22, 0.1),
                                                                   (16, 0.24, 0.2)])
     assert manifest["gradcam_layer"] == "conv5_3_relu"

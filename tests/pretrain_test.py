@@ -116,6 +116,10 @@ def test_colorization_trains_resumes_and_writes_outputs(colorization_run):
     assert second["steps"] == 4 and second["resumed_from_step"] == 2
     assert second["input_mode"] == "grey" and second["color_bins"]["num_hue_bins"] == 32
     assert np.isfinite(second["metrics"]["loss"])
+    # Layer movement is measured from the first run's start, across the resume.
+    assert second["movement_from_step"] == 0
+    layer = next(iter(first["movement"]))  # the first conv layer of the tiny backbone
+    assert second["movement"][layer] > first["movement"][layer] > 0
     assert (workdir / "backbone.weights.h5").is_file()
     assert list((workdir / "tensorboard" / "train").iterdir())
 

@@ -1,5 +1,4 @@
-"""mm_tf/viz/projector.py: a fixed, seeded patch sample and a well-formed TensorBoard
-projector log dir with two embeddings (config parses, metadata rows = embeddings, the
+"""mm_tf/viz/projector.py: a well-formed TensorBoard projector log dir of a probe bank with two embeddings (config parses, metadata rows = embeddings, the
 checkpoint holds the tensors, sprite size)."""
 
 import math
@@ -14,7 +13,9 @@ from PIL import Image
 from tensorboard.plugins import projector as tb_projector
 
 from mm_tf import mix as mix_lib
+from mm_tf import probe
 from mm_tf.data import datasets
+from mm_tf.data import pipeline
 from mm_tf.models import backbones
 from mm_tf.viz import projector
 
@@ -25,29 +26,8 @@ MIX = mix_lib.MixConfig(patches_per_image=4, patch_size=32, min_side=16, max_sid
 @pytest.fixture(scope="module")
 def sample(small_demo_dir):
     pairs, info = datasets.read_dataset("demo", small_demo_dir, "val")
-    return pairs, info, projector.sample_patch_set(pairs, info, MIX, "rgb", seed=3,
-                                                   max_images=3)
-
-
-def test_patch_sample_is_fixed_by_the_seed(sample):
-    pairs, info, patches = sample
-    assert len(patches) == 12  # 3 images x 4 patches, all valid on the demo data.
-    assert patches.patches.shape == (12, 32, 32, 3) and patches.patches.dtype == np.float32
-    assert patches.thumbnails.shape == (12, 32, 32, 3) and patches.thumbnails.dtype == np.uint8
-    assert set(patches.image_index.tolist()) == {0, 1, 2}
-    assert patches.sources[0] == pairs[0][0]
-    assert ((patches.labels >= 0) & (patches.labels < info.num_classes)).all()
-    again = projector.sample_patch_set(pairs, info, MIX, "rgb", seed=3, max_images=3)
-    np.testing.assert_array_equal(again.patches, patches.patches)
-    np.testing.assert_array_equal(again.labels, patches.labels)
-    other = projector.sample_patch_set(pairs, info, MIX, "rgb", seed=4, max_images=3)
-    assert not np.array_equal(other.patches, patches.patches)
-    capped = projector.sample_patch_set(pairs, info, MIX, "rgb", seed=3, max_patches=5)
-    np.testing.assert_array_equal(capped.labels, patches.labels[:5])
-    # The thumbnails are the RGB crops of the normalised patches (in-image pixels).
-    restored = patches.patches + np.array([123.68, 116.779, 103.939], np.float32)
-    inside = patches.thumbnails > 0
-    np.testing.assert_allclose(restored[inside], patches.thumbnails[inside], atol=0.51)
+    return pairs, info, probe.sample_bank(pairs, info, pipeline.InputConfig(crop_size=64),
+                                          MIX, 3, seed=3, split="val")
 
 
 def test_projector_log_dir_is_well_formed(sample, tmp_path):
@@ -73,6 +53,7 @@ def test_projector_log_dir_is_well_formed(sample, tmp_path):
     assert rows[0].split("\t") == list(projector.METADATA_COLUMNS)
     assert len(rows) - 1 == count
     assert [r.split("\t")[0] for r in rows[1:]] == [info.class_names[i] for i in patches.labels]
+    assert rows[1].split("\t")[2] == "val crop 0"
 
     latest = tf.train.latest_checkpoint(str(tmp_path))
     assert latest == paths["checkpoint"]
@@ -80,8 +61,7 @@ def test_projector_log_dir_is_well_formed(sample, tmp_path):
     for embedding, backbone in zip(config.embeddings, (before, after)):
         values = reader.get_tensor(embedding.tensor_name)
         assert values.shape[0] == count
-        np.testing.assert_allclose(values, projector.pool5_embeddings(backbone,
-                                                                      patches.patches),
+        np.testing.assert_allclose(values, probe.backbone_embeddings(backbone, patches.patches),
                                    atol=1e-6)
         np.testing.assert_allclose(np.linalg.norm(values, axis=1), 1.0, atol=1e-5)
 

@@ -191,6 +191,9 @@ def test_fine_tune_beats_the_majority_class_baseline(trained):
     assert os.listdir(os.path.join(workdir, "tensorboard", "val"))
     assert set(summary["metrics"]) == {"loss", "cross_entropy", "weight_decay", "pixel_acc",
                                        "miou"}
+    # Fine-tuning moved every backbone kernel from its init, fc6/fc7 included.
+    assert summary["movement_from_step"] == 0
+    assert len(summary["movement"]) == 15 and min(summary["movement"].values()) > 0
 
 
 def test_saved_model_reloads_to_the_same_scores(trained, demo):

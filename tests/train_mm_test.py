@@ -50,6 +50,9 @@ def test_demo_flagfile_trains_and_writes_summary(tmp_path, small_demo_dir):
     assert summary["graph_nodes"] == summary["global_batch_size"] * summary["patches_per_image"]
     assert (workdir / "backbone.weights.h5").is_file()
     assert list((workdir / "tensorboard" / "train").iterdir())
+    # flags/demo_mm.flags turns the probe on: step 0 and the last step are probed.
+    assert [e["step"] for e in summary["probe"]["history"]] == [0, 2]
+    assert summary["movement"]["conv1_1"] > 0
 
 
 def test_sigkill_then_rerun_resumes_to_the_same_step_count(tmp_path, small_demo_dir):

@@ -3,8 +3,9 @@ plain arrays, writes one PNG and returns the number of axes it drew, so tests (a
 callers) can check the layout without reading pixels.
 
 * `tsne_figure`: t-SNE (sklearn.manifold.TSNE) of patch features, one panel per feature
-  set (before / after M&M), points in the data set's class colours, class names in the
-  legend; each panel's title gives the leave-one-out 5-NN class accuracy of its features.
+  set (e.g. before / after M&M x train / val patches), points in the data set's class
+  colours, class names in the legend; each panel's title gives a 5-NN class accuracy of
+  its features (the probe's, `mm_tf.probe`: leave-one-out by default).
 * `graph_size_figure`: the graph-size study: val mIoU and seconds per M&M step against
   nodes per graph (global batch x patches per image), from (nodes, miou, sec_per_step)
   points. A pipeline's arms differ in init and triplet mode, not in batch size, so the
@@ -49,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from mm_tf import common
+from mm_tf import probe
 from mm_tf import summaries
 from mm_tf.models.heads import DATA
 
@@ -96,23 +98,6 @@ def _save(fig, path: str) -> int:
 # t-SNE.
 # ----------------------------------------------------------------------------------------
 
-def knn_accuracy(features, labels, k: int = 5) -> float:
-    """Leave-one-out k-NN (Euclidean) class accuracy of features [N,D] with labels [N];
-    ties go to the smallest class id."""
-    features = np.asarray(features, np.float64)
-    labels = np.asarray(labels, np.int64)
-    if len(labels) < 2:
-        return float("nan")
-    squared = np.sum(features ** 2, axis=1)
-    distances = squared[:, None] + squared[None, :] - 2.0 * features @ features.T
-    np.fill_diagonal(distances, np.inf)
-    k = min(k, len(labels) - 1)
-    nearest = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    votes = labels[nearest]
-    predicted = np.array([np.bincount(row).argmax() for row in votes])
-    return float(np.mean(predicted == labels))
-
-
 def tsne_embed(features, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """features [N,D] -> [N,2] with sklearn's TSNE (PCA init, fixed seed); perplexity is
     capped at (N - 1) / 3 so small sets work."""
@@ -123,33 +108,42 @@ def tsne_embed(features, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
                 random_state=seed).fit_transform(features)
 
 
-def tsne_figure(panels: Sequence[Tuple[str, np.ndarray]], labels, class_names, palette,
-                path: str, *, seed: int = 0, perplexity: float = 30.0,
+def tsne_figure(panels: Sequence[Tuple[str, np.ndarray, np.ndarray]], class_names, palette,
+                path: str, *, accuracies: Optional[Sequence[float]] = None,
+                columns: Optional[int] = None, seed: int = 0, perplexity: float = 30.0,
                 title: Optional[str] = None) -> int:
-    """Side-by-side t-SNE maps, e.g. [("before M&M", f0), ("after M&M", f1)], of the same
-    N patches (labels [N]); returns the number of axes (one per panel)."""
+    """t-SNE maps in a grid of `columns` (default: one row), e.g. [("before M&M, val",
+    features [N,D], labels [N]), ...]; each title ends with its panel's 5-NN class
+    accuracy (`accuracies`, default the leave-one-out `probe.knn_accuracy_loo`). Returns
+    the number of axes (one per panel)."""
     plt = _pyplot()
-    labels = np.asarray(labels, np.int64)
-    present = sorted(set(labels.tolist()))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.8), dpi=_DPI,
-                             squeeze=False)
-    for ax, (name, features) in zip(axes[0], panels):
+    columns = columns or len(panels)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows + 0.6),
+                             dpi=_DPI, squeeze=False)
+    present = set()
+    for i, (name, features, labels) in enumerate(panels):
+        ax = axes[i // columns][i % columns]
+        labels = np.asarray(labels, np.int64)
         if len(features) != len(labels):
             raise ValueError(f"panel {name!r}: {len(features)} features for {len(labels)} "
                              "labels")
+        accuracy = (accuracies[i] if accuracies is not None
+                    else probe.knn_accuracy_loo(features, labels))
         points = tsne_embed(features, seed, perplexity)
-        for k in present:
+        for k in sorted(set(labels.tolist())):
             mask = labels == k
             ax.scatter(points[mask, 0], points[mask, 1], s=12, color=_colour(palette, k),
                        edgecolors="black", linewidths=0.3, label=class_names[k])
-        ax.set_title(f"{name}\n5-NN class accuracy {knn_accuracy(features, labels):.2f}",
-                     fontsize=9)
+        present.update(labels.tolist())
+        ax.set_title(f"{name}\n5-NN class accuracy {accuracy:.2f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    _class_legend(fig, present, class_names, palette)
-    fig.suptitle(title or f"t-SNE of pool5 patch features ({len(labels)} patches)",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    for i in range(len(panels), rows * columns):
+        axes[i // columns][i % columns].remove()
+    _class_legend(fig, sorted(present), class_names, palette)
+    fig.suptitle(title or "t-SNE of pool5 patch features", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12 / rows, 1, 0.95))
     return _save(fig, path)
 
 

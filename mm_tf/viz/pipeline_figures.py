@@ -4,8 +4,11 @@
 `<init>+mm` arm, the paper's graph) and its naive twin `<init>`, and writes into
 workdir/figures/:
 
-  tsne.png          pool5 features of a fixed set of val patches (mix step, fixed seed,
-                    the M&M run's mix settings) before vs after M&M. "After" is the M&M
+  tsne.png          pool5 features of the online probe's fixed banks of train and val
+                    patches (`mm_tf.probe.sample_bank`: the M&M run's crops and mix
+                    settings, fixed seed) before vs after M&M, each panel titled with
+                    its 5-NN accuracy (train: leave-one-out; val: against the train
+                    bank, the probe's knn_val). "After" is the M&M
                     stage's backbone.weights.h5; "before" is its init: the proxy /
                     ImageNet weights file, or for a random init the run's own Glorot
                     draw, rebuilt by `tuner.build_backbone_from` from the run's --seed
@@ -20,7 +23,8 @@ workdir/figures/:
   graph_size.png    only when the given reports hold M&M (graph) arms of at least two
                     graph sizes; see `mm_tf.viz.figures` for how to run such a study.
 
-and the projector log dir workdir/projector/ (before_mm, after_mm; `mm_tf.viz.projector`),
+and the projector log dir workdir/projector/ (before_mm, after_mm of the val bank;
+`mm_tf.viz.projector`),
 then embeds the PNGs in report.md (`mm_tf.report.embed_figures`).
 """
 
@@ -39,6 +43,7 @@ from mm_tf import common
 from mm_tf import evaluation
 from mm_tf import files
 from mm_tf import mix as mix_lib
+from mm_tf import probe
 from mm_tf import report as report_lib
 from mm_tf import segmenter
 from mm_tf import tuner as tuner_lib
@@ -58,14 +63,16 @@ class FigureConfig:
         else any M&M arm with one).
       max_images: val images predicted for the qualitative grid and Grad-CAM (0 = all).
       rows: images in the qualitative grid and the Grad-CAM figure.
-      max_patches: patches in the t-SNE and the projector.
-      seed: seed of the patch sample and of t-SNE.
+      max_patches: patches per split (train, val) in the t-SNE and the projector (val),
+        rounded down to whole crops of patches_per_image patches.
+      seed: seed of the patch banks and of t-SNE.
       perplexity: t-SNE perplexity (capped for small samples).
       gradcam_class: class name for Grad-CAM (default: see module docstring).
       gradcam_layer: backbone layer of the Grad-CAM (default: the last ReLU before pool5).
       projector: also write workdir/projector.
       graph_workdirs: pipeline folders whose reports join this one in the graph-size
         study.
+      train_split: the split of the train bank (same data set as the evaluation split).
     """
 
     mm_arm: Optional[str] = None
@@ -78,6 +85,7 @@ class FigureConfig:
     gradcam_layer: Optional[str] = None
     projector: bool = True
     graph_workdirs: tuple = ()
+    train_split: str = "train"
 
 
 def read_report(workdir: str) -> dict:
@@ -167,16 +175,35 @@ def _resolve(path: str, report: dict) -> str:
     return os.path.join(report.get("config", {}).get("repo_root", ""), path)
 
 
-def val_data(model_config: dict, report: dict):
-    """(pairs, info) of the split a seg run was evaluated on (its model_config.json)."""
+def val_data(model_config: dict, report: dict, split: Optional[str] = None):
+    """(pairs, info) of the split a seg run was evaluated on (its model_config.json), or
+    of `split` of the same data set."""
     data = model_config.get("data", {})
     dataset = data.get("dataset") or model_config["dataset"]
     list_file = data.get("list_file")
     return datasets.read_dataset(
-        dataset, _resolve(data.get("data_dir"), report), data.get("split") or "val",
+        dataset, _resolve(data.get("data_dir"), report), split or data.get("split") or "val",
         list_file=_resolve(list_file, report) if list_file else None,
         num_classes=data.get("num_classes") if dataset == "list" else None,
         ignore_label=data.get("ignore_label") if dataset == "list" else None)
+
+
+def figure_banks(summary: dict, train_pairs, val_pairs, info, input_mode: str,
+                 config: FigureConfig) -> dict:
+    """{"train": PatchBank, "val": PatchBank}: the probe's banks (`probe.sample_bank`)
+    with the M&M stage's crops and mix settings, max_patches // patches_per_image crops
+    per split, seeded by `config.seed`."""
+    mix_config = mix_lib.MixConfig(**summary["config"]["mix"])
+    fields = {f.name for f in dataclasses.fields(pipeline.InputConfig)}
+    recorded = {k: v for k, v in summary["config"].get("input", {}).items() if k in fields}
+    # The banks read the pairs found here, whatever source the stage trained from.
+    recorded.update(input_mode=input_mode, source=pipeline.SOURCE_FILES)
+    recorded.pop("tfrecord_pattern", None)
+    bank = dict(input_config=pipeline.InputConfig(**recorded), mix_config=mix_config,
+                num_images=max(1, config.max_patches // mix_config.patches_per_image),
+                seed=config.seed)
+    return {"train": probe.sample_bank(train_pairs, info, split="train", **bank),
+            "val": probe.sample_bank(val_pairs, info, split="val", **bank)}
 
 
 def _inference(model_config: dict) -> evaluation.InferenceConfig:
@@ -232,25 +259,36 @@ def make_figures(workdir: str, config: FigureConfig = FigureConfig(),
     pairs, info = val_data(model_config, report)
     input_mode = model_config["input_mode"]
 
-    # t-SNE and projector: pool5 features of fixed val patches before / after M&M.
-    mix_config = mix_lib.MixConfig(**summary["config"]["mix"])
-    patch_set = projector.sample_patch_set(pairs, info, mix_config, input_mode,
-                                           seed=config.seed, max_patches=config.max_patches)
+    # t-SNE and projector: pool5 features of the probe's fixed train and val banks (the
+    # M&M run's crops and mix settings) before / after M&M.
+    train_pairs, _ = val_data(model_config, report, split=config.train_split)
+    banks = figure_banks(summary, train_pairs, pairs, info, input_mode, config)
     tuned = {"before_mm": before_backbone(summary), "after_mm": after_backbone(summary)}
-    features = {name: projector.pool5_embeddings(b, patch_set.patches)
-                for name, b in tuned.items()}
+    features = {(name, split): probe.backbone_embeddings(b, banks[split].patches)
+                for name, b in tuned.items() for split in banks}
+    scores = {name: probe.probe_metrics(features[name, "train"], banks["train"].labels,
+                                        features[name, "val"], banks["val"].labels)
+              for name in tuned}
+    titles = {"before_mm": "before M&M (init)", "after_mm": f"after M&M ({mm})"}
+    panels, accuracies = [], []
+    for split, how, key in (("train", "leave-one-out", "knn_train_loo"),
+                            ("val", "in the train bank", probe.KNN_VAL)):
+        for name in tuned:
+            panels.append((f"{titles[name]}: {split} patches ({how})",
+                           features[name, split], banks[split].labels))
+            accuracies.append(scores[name][key])
     path = os.path.join(out, "tsne.png")
-    figures.tsne_figure([("before M&M (init)", features["before_mm"]),
-                         (f"after M&M ({mm})", features["after_mm"])], patch_set.labels,
-                        info.class_names, info.palette, path, seed=config.seed,
-                        perplexity=config.perplexity)
-    manifest.update(tsne=path, patches=len(patch_set), knn_accuracy={
-        name: figures.knn_accuracy(f, patch_set.labels) for name, f in features.items()})
-    log(f"  tsne.png: {len(patch_set)} patches")
+    figures.tsne_figure(panels, info.class_names, info.palette, path, accuracies=accuracies,
+                        columns=len(tuned), seed=config.seed, perplexity=config.perplexity)
+    manifest.update(tsne=path, patches={split: len(b) for split, b in banks.items()},
+                    knn_accuracy=scores)
+    log(f"  tsne.png: {len(banks['train'])} train and {len(banks['val'])} val patches")
     if config.projector:
         projector_dir = os.path.join(workdir, "projector")
-        projector.write_projector(projector_dir, features, patch_set.labels,
-                                  info.class_names, patch_set.thumbnails, patch_set.sources)
+        projector.write_projector(projector_dir,
+                                  {name: features[name, "val"] for name in tuned},
+                                  banks["val"].labels, info.class_names,
+                                  banks["val"].thumbnails, banks["val"].sources())
         manifest["projector"] = projector_dir
         log(f"  projector: tensorboard --logdir={projector_dir}")
 

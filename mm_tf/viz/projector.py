@@ -1,10 +1,9 @@
 """TensorBoard projector of patch features, e.g. one backbone before and after M&M tuning.
 
-A fixed set of labelled patches is sampled from a data set's (validation) images with the
-mix step itself (`mm_tf.mix.sample_patches`; the stateless seed of image i is derived
-from (seed, i), so the same seed always gives the same patches). Each backbone maps the
-patches to pool5 features, flattened and L2-normalised: the space in which the triplet
-loss ranks them. The log dir then holds
+The patches are a fixed bank of the online probe (`mm_tf.probe.sample_bank`: the mix
+step on seeded crops, the same seed always gives the same patches). Each backbone maps
+the patches to pool5 features, flattened and L2-normalised (`probe.backbone_embeddings`):
+the space in which the triplet loss ranks them. The log dir then holds
 
   embeddings.ckpt-1.*      one variable [N, D] per backbone, e.g. `before_mm`, `after_mm`
   checkpoint               (the projector finds the newest checkpoint through it)
@@ -17,15 +16,13 @@ loss ranks them. The log dir then holds
 Open it with `tensorboard --logdir=<log dir>`, tab "Projector"; colour by `class`.
 
 Example:
-    patches = sample_patch_set(val_pairs, info, mix_config, "rgb", seed=0, max_images=20)
-    write_projector("work/projector", {"before_mm": pool5_embeddings(before, patches.patches),
-                                       "after_mm": pool5_embeddings(after, patches.patches)},
-                    patches.labels, info.class_names, patches.thumbnails, patches.sources)
+    bank = probe.sample_bank(val_pairs, info, input_config, mix_config, 20, split="val")
+    write_backbone_projector("work/projector", {"before_mm": before, "after_mm": after},
+                             bank, info.class_names)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -35,11 +32,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from mm_tf import common
-from mm_tf import losses
-from mm_tf import mix as mix_lib
-from mm_tf.data import pipeline
-from mm_tf.models import backbones
+from mm_tf import probe
 
 METADATA_FILE = "metadata.tsv"
 SPRITE_FILE = "sprite.png"
@@ -47,85 +40,6 @@ CHECKPOINT_PREFIX = "embeddings.ckpt"
 METADATA_COLUMNS = ("class", "class_id", "image")
 # TensorBoard's projector reads sprites up to 8192 x 8192 pixels.
 MAX_SPRITE_SIDE = 8192
-# Salts the per-image patch seeds apart from the training streams.
-_PATCH_SALT = 0x9A7C
-
-
-@dataclasses.dataclass
-class PatchSet:
-    """Valid labelled patches of a fixed sample, N of them.
-
-    Attributes:
-      patches: float32 [N,S,S,C] normalised network input (what M&M feeds the backbone).
-      thumbnails: uint8 [N,S,S,3] the same crops of the RGB image (for sprites, figures).
-      labels: int32 [N] train id of each patch's centre pixel.
-      image_index: int32 [N] index of the source image in the given pairs.
-      sources: N image paths.
-    """
-
-    patches: np.ndarray
-    thumbnails: np.ndarray
-    labels: np.ndarray
-    image_index: np.ndarray
-    sources: list
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def sample_patch_set(pairs, info, mix_config: mix_lib.MixConfig, input_mode: str, *,
-                     seed: int = 0, max_images: Optional[int] = None,
-                     max_patches: Optional[int] = None) -> PatchSet:
-    """Samples patches image by image with `mix_config` (the M&M run's) -> PatchSet.
-
-    Each image is sampled on its own, so images of any size mix. The network input and
-    the RGB image are cropped together (stacked as channels): the boxes, and the zero
-    (mean) padding outside the image, are those M&M training sees.
-    """
-    pairs = list(pairs)[:max_images] if max_images else list(pairs)
-    if not pairs:
-        raise ValueError("sample_patch_set: no (image, label) pairs")
-    # Per-image eager calls: the TF crop is faster than the XLA-friendly gathers there.
-    config = dataclasses.replace(mix_config, use_gather_resize=False)
-    dataset = pipeline.eval_dataset(pairs, info, pipeline.InputConfig(input_mode=input_mode))
-    base = tf.constant([seed, _PATCH_SALT], tf.int32)
-    parts, total = [], 0
-    for index, batch in enumerate(dataset):
-        image = batch[common.IMAGE]
-        channels = int(image.shape[-1])
-        stacked = tf.concat([image, tf.cast(batch[common.RAW_IMAGE], tf.float32)], axis=-1)
-        seed_i = tf.random.experimental.stateless_fold_in(base, index)
-        sampled = mix_lib.sample_patches(stacked, batch[common.LABEL], seed_i, config)
-        valid = sampled.valid.numpy()
-        crops = sampled.patches.numpy()[valid]
-        labels = sampled.labels.numpy()[valid].astype(np.int32)
-        if max_patches is not None:
-            keep = max(0, max_patches - total)
-            crops, labels = crops[:keep], labels[:keep]
-        parts.append((crops[..., :channels],
-                      np.clip(np.round(crops[..., channels:]), 0, 255).astype(np.uint8),
-                      labels, np.full(len(labels), index, np.int32)))
-        total += len(labels)
-        if max_patches is not None and total >= max_patches:
-            break
-    if total == 0:
-        raise ValueError("sample_patch_set: no valid patch (every sampled image is all "
-                         "ignore?)")
-    patches, thumbnails, labels, image_index = (np.concatenate(p) for p in zip(*parts))
-    return PatchSet(patches.astype(np.float32), thumbnails, labels, image_index,
-                    [str(pairs[i][0]) for i in image_index])
-
-
-def pool5_embeddings(backbone, patches, batch_size: int = 64) -> np.ndarray:
-    """Patches float32 [N,S,S,C] -> float32 [N,D]: the backbone's pool5 features in
-    inference mode, flattened and L2-normalised (`losses.l2_normalize_flat`, the
-    triplet loss's space)."""
-    features = backbones.pool5_model(backbone)
-    rows = []
-    for start in range(0, len(patches), batch_size):
-        batch = tf.convert_to_tensor(patches[start:start + batch_size], tf.float32)
-        rows.append(losses.l2_normalize_flat(features(batch, training=False)).numpy())
-    return np.concatenate(rows)
 
 
 def sprite(thumbnails, thumb: int) -> np.ndarray:
@@ -213,11 +127,11 @@ def _tsv(text: str) -> str:
 
 
 def write_backbone_projector(log_dir: str, named_backbones: Mapping[str, object],
-                             patch_set: PatchSet, class_names: Sequence[str],
+                             bank: probe.PatchBank, class_names: Sequence[str],
                              thumb: int = 32) -> dict:
-    """Embeds `patch_set` with each backbone (name -> functional backbone) and writes one
-    projector log dir holding every embedding (e.g. before_mm and after_mm)."""
-    embeddings = {name: pool5_embeddings(backbone, patch_set.patches)
+    """Embeds the patches of `bank` with each backbone (name -> functional backbone) and
+    writes one projector log dir holding every embedding (e.g. before_mm and after_mm)."""
+    embeddings = {name: probe.backbone_embeddings(backbone, bank.patches)
                   for name, backbone in named_backbones.items()}
-    return write_projector(log_dir, embeddings, patch_set.labels, class_names,
-                           patch_set.thumbnails, patch_set.sources, thumb)
+    return write_projector(log_dir, embeddings, bank.labels, class_names,
+                           bank.thumbnails, bank.sources(), thumb)
