@@ -48,14 +48,15 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
-    # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import mix as mix_lib
-    from mm_tf import tuner
-
-    with flagdefs.training_errors_as_one_line():
-        # First: logical devices and the multi-worker runtime need an untouched TF.
+    with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
+        pairs, info = flagdefs.dataset_from_flags()
+        info = flagdefs.check_data_from_flags(pairs, info)
+        # Imported here so --help is instant and flag errors come before TensorFlow loads.
+        from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
+        from mm_tf import tuner  # pylint: disable=import-outside-toplevel
+        # Before any op: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
-        # Cheap checks next, so a wrong flag fails before any data is read.
         loop = flagdefs.loop_config_from_flags()
         loop.validate()
         config = tuner.TuneConfig(
@@ -64,7 +65,6 @@ def main(argv):
             seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, graph_scope=FLAGS.graph_scope,
             precision=FLAGS.precision, **flagdefs.optimizer_kwargs_from_flags())
         config.validate()
-        pairs, info = flagdefs.dataset_from_flags()
         background = FLAGS.background_class
         if background is None:
             background = info.background_class

@@ -722,12 +722,14 @@ def _map_pairs(check: Callable, pairs: Sequence[Pair], workers: Optional[int]) -
 def check_files(pairs: Sequence[Pair], info: DatasetInfo, mode: str = "quick",
                 workers: Optional[int] = None) -> list[str]:
     """The pre-flight check of training and evaluation: every problem of `pairs`, one
-    string each naming its file ([] when all are good). mode "quick": `probe_pair`
+    string each naming its file ([] when all are good; a pair listed twice is checked
+    once). mode "quick": `probe_pair`
     (headers and file ends); "full": `check_pair` (every pixel, label values); "off": []."""
     if mode not in CHECK_MODES:
         raise DatasetError(f"--check_data={mode}: expected one of {', '.join(CHECK_MODES)}")
     if mode == "off":
         return []
+    pairs = list(dict.fromkeys(tuple(pair) for pair in pairs))  # Each file once.
     if mode == "quick":
         results = _map_pairs(lambda i, l: probe_pair(i, l, info), pairs, workers)
     else:

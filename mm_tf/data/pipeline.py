@@ -279,6 +279,9 @@ _WRAPPERS = (r"\{\{function_node [^}]*\}\}",
              r"\[Op:IteratorGetNext\].*")
 
 
+UNNAMED_DATA_ERROR = "reading the data failed: "  # A message that may not name the file.
+
+
 def data_error_message(error: Exception) -> Optional[str]:
     """One line for the user from a failure of this pipeline raised by an iterator (an
     assertion naming the file, or a decoder's or reader's own error); None when `error`
@@ -295,7 +298,7 @@ def data_error_message(error: Exception) -> Optional[str]:
     if text.startswith("assertion failed: [") and text.endswith("]"):
         # Assert prints each of our message parts as "[part]", separated by spaces.
         return "".join(text[len("assertion failed: ["):-1].split("] ["))
-    return f"reading the data failed: {text}"
+    return f"{UNNAMED_DATA_ERROR}{text}"
 
 
 def _examples(pairs, config: InputConfig) -> Tuple[tf.data.Dataset, int]:
