@@ -199,6 +199,32 @@ def test_bad_files_fail_with_one_line_naming_them(tmp_path):
     assert pipeline.data_error_message(tf.errors.InternalError(None, None, "x")) is None
 
 
+def test_failures_inside_a_function_and_unnamed_ones_are_one_line(tmp_path):
+    """Keras fit reads the iterator inside a tf.function, whose errors read differently;
+    a file damaged in its middle fails in TensorFlow's decoder, which names no file."""
+    image = write_png(tmp_path / "image.png", np.random.default_rng(0).integers(
+        0, 256, (32, 32, 3)))
+    values = np.zeros((32, 32))
+    values[0, 0] = 40
+    label = write_png(tmp_path / "label.png", values)
+    ds = pipeline.eval_dataset([(image, label)], demo_info(), pipeline.InputConfig())
+
+    @tf.function
+    def first(iterator):
+        return next(iterator)[common.LABEL]
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        first(iter(ds))
+    assert pipeline.data_error_message(raised.value).startswith(f"{label}: label values 40 ")
+    data = bytearray(pathlib.Path(image).read_bytes())
+    data[100:140] = bytes(40)  # Inside the compressed pixels; signature and end intact.
+    pathlib.Path(image).write_bytes(bytes(data))
+    line = _one_line_failure([(image, write_png(tmp_path / "ok.png", np.zeros((32, 32))))],
+                             demo_info())
+    assert line.startswith(pipeline.UNNAMED_DATA_ERROR), line
+    assert "{{" not in line and "[[" not in line and "\n" not in line, line
+
+
 def test_label_values_outside_the_classes_fail_unless_ignored(tmp_path):
     values = np.zeros((8, 8))
     values[0, :3] = [40, 41, 254]  # Demo classes are 0..4, ignore 255.

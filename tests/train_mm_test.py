@@ -10,7 +10,12 @@ import subprocess
 import sys
 import time
 
+import h5py
+import numpy as np
 import pytest
+
+from mm_tf.data import synthetic
+from testutil import damage, demo_pairs, error_lines  # tests/ is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MM_FLAGFILES = sorted(p.name for p in (ROOT / "flags").glob("*_mm.flags"))
@@ -85,3 +90,57 @@ def test_bad_input_is_one_clear_line(tmp_path, small_demo_dir, extra, needle):
     assert result.returncode != 0
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["not_hdf5", "truncated"])
+def test_unreadable_init_is_one_line_naming_it(tmp_path, small_demo_dir, kind):
+    path = tmp_path / "init.weights.h5"
+    if kind == "not_hdf5":
+        path.write_text("<html>a download page, not weights</html>\n")
+    else:  # A real HDF5 file cut short, as an interrupted copy leaves it.
+        with h5py.File(path, "w") as f:
+            f.create_dataset("layers/conv2d/vars/0", data=np.ones((3, 3, 3, 4), np.float32))
+        path.write_bytes(path.read_bytes()[:1500])
+    result = _train_mm(*_demo_args(small_demo_dir, f"--workdir={tmp_path / 'mm'}",
+                                   f"--init={path}"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last, errors = error_lines(result.stderr)
+    assert errors == [last] and str(path) in last, result.stderr[-3000:]
+    assert ("not a Keras .weights.h5" if kind == "not_hdf5" else "truncated or damaged") in last
+
+
+def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
+    """--check_data=off, an image truncated while the run trains: the run stops naming
+    it, its newest checkpoint is untouched, and once the file is back the same command
+    restores that checkpoint (the resumed step proves it loaded) and finishes."""
+    root = synthetic.generate_demo_dataset(tmp_path / "data", num_train=4, num_val=1,
+                                           height=64, width=64)
+    image = pathlib.Path(demo_pairs(root, "train")[2][0])
+    original = image.read_bytes()
+    args = _demo_args(root, f"--workdir={tmp_path / 'mm'}", "--steps=40", "--lr_boundaries=20",
+                      "--image_every=0", "--check_data=off")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "bin/train_mm.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "mm" / "checkpoints" / "checkpoint"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and "ckpt-2" in state.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before the file could be damaged; raise --steps"
+    damage(image, "truncate")  # Every epoch (2 steps) reads every image again.
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    last, errors = error_lines(stderr)
+    assert errors == [last] and last.startswith(f"error: {image}: cannot decode image"), \
+        stderr[-3000:]
+    kept = int(state.read_text().split('"')[1].split("-")[1])  # model_checkpoint_path
+    assert f"newest checkpoint kept: {tmp_path / 'mm' / 'checkpoints'}/ckpt-{kept}" in last
+    assert 2 <= kept < 40 and not (tmp_path / "mm" / "summary.json").exists()
+    image.write_bytes(original)
+    result = _train_mm(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "mm" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["resumed_from_step"] == kept

@@ -272,13 +272,12 @@ def _read_example(ref, info, source: str):
     return image, map_label(label, info.label_lut), filename
 
 
-# What TensorFlow wraps around an error of an iterator's input function.
+# What TensorFlow puts before an error of an iterator's input function, on its line.
 _WRAPPERS = (r"\{\{function_node [^}]*\}\}",
              r"Error in user-defined function passed to \S+ transformation with iterator: "
              r"\S+: ",
              r"\[Op:IteratorGetNext\].*")
-
-
+_ASSERTION = "assertion failed: ["
 UNNAMED_DATA_ERROR = "reading the data failed: "  # A message that may not name the file.
 
 
@@ -291,14 +290,18 @@ def data_error_message(error: Exception) -> Optional[str]:
     message = error.message or ""
     if "IteratorGetNext" not in message and "assertion failed" not in message:
         return None
-    text = message.split("\n\t [[")[0]  # Node names follow.
+    if _ASSERTION in message:
+        # Assert prints each part of our message as "[part]", separated by spaces.
+        body = message[message.index(_ASSERTION) + len(_ASSERTION):].split("\n")[0]
+        return "".join(body[:body.rfind("]")].split("] ["))
+    # Eagerly: "{{function_node ...}} <error>\n\t [[node]]"; in a tf.function, lines of
+    # "Graph execution error: Detected at node ..." come first. The error's own line is
+    # the last before the node list.
+    lines = [line for line in message.split("\n\t [[")[0].splitlines() if line.strip()]
+    text = lines[-1] if lines else message
     for wrapper in _WRAPPERS:
         text = re.sub(wrapper, "", text)
-    text = " ".join(text.split())
-    if text.startswith("assertion failed: [") and text.endswith("]"):
-        # Assert prints each of our message parts as "[part]", separated by spaces.
-        return "".join(text[len("assertion failed: ["):-1].split("] ["))
-    return f"{UNNAMED_DATA_ERROR}{text}"
+    return f"{UNNAMED_DATA_ERROR}{' '.join(text.split())}"
 
 
 def _examples(pairs, config: InputConfig) -> Tuple[tf.data.Dataset, int]:
