@@ -57,20 +57,28 @@ def test_demo_flagfile_trains_and_writes_summary(tmp_path, small_demo_dir):
     assert list((workdir / "tensorboard" / "train").iterdir())
 
 
+def _start_until_checkpoint(args, workdir, step: int, **popen_kwargs) -> subprocess.Popen:
+    """Starts bin/train_mm.py and returns it, still running, once it has written the
+    checkpoint of `step` (the test fails if the run ends first: raise --steps)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "bin/train_mm.py", *args], cwd=ROOT, env=env,
+                            **popen_kwargs)
+    state = pathlib.Path(workdir) / "checkpoints" / "checkpoint"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and f"ckpt-{step}" in state.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before checkpoint {step}; raise --steps"
+    return proc
+
+
 def test_sigkill_then_rerun_resumes_to_the_same_step_count(tmp_path, small_demo_dir):
     workdir = tmp_path / "mm"
     args = _demo_args(small_demo_dir, f"--workdir={workdir}", "--steps=30", "--lr_boundaries=15",
                       "--image_every=0")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "bin/train_mm.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = workdir / "checkpoints" / "checkpoint"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and "ckpt-3" in state.read_text():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "run ended before it could be killed; raise --steps"
+    proc = _start_until_checkpoint(args, workdir, 3, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "summary.json").exists()
@@ -120,18 +128,14 @@ def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
     original = image.read_bytes()
     args = _demo_args(root, f"--workdir={tmp_path / 'mm'}", "--steps=40", "--lr_boundaries=20",
                       "--image_every=0", "--check_data=off")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "bin/train_mm.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.txt"  # A file, not a pipe: nobody reads it while it runs.
+    with open(log, "w") as stderr_file:
+        proc = _start_until_checkpoint(args, tmp_path / "mm", 2, stdout=subprocess.DEVNULL,
+                                       stderr=stderr_file)
+        damage(image, "truncate")  # Every epoch (2 steps) reads every image again.
+        proc.wait(timeout=240)
+    stderr = log.read_text()
     state = tmp_path / "mm" / "checkpoints" / "checkpoint"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and "ckpt-2" in state.read_text():
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run ended before the file could be damaged; raise --steps"
-    damage(image, "truncate")  # Every epoch (2 steps) reads every image again.
-    _, stderr = proc.communicate(timeout=240)
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
     last, errors = error_lines(stderr)
     assert errors == [last] and last.startswith(f"error: {image}: cannot decode image"), \
