@@ -126,7 +126,7 @@ def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
                                            height=64, width=64)
     image = pathlib.Path(demo_pairs(root, "train")[2][0])
     original = image.read_bytes()
-    args = _demo_args(root, f"--workdir={tmp_path / 'mm'}", "--steps=40", "--lr_boundaries=20",
+    args = _demo_args(root, f"--workdir={tmp_path / 'mm'}", "--steps=24", "--lr_boundaries=12",
                       "--image_every=0", "--check_data=off")
     log = tmp_path / "stderr.txt"  # A file, not a pipe: nobody reads it while it runs.
     with open(log, "w") as stderr_file:
@@ -142,9 +142,9 @@ def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
         stderr[-3000:]
     kept = int(state.read_text().split('"')[1].split("-")[1])  # model_checkpoint_path
     assert f"newest checkpoint kept: {tmp_path / 'mm' / 'checkpoints'}/ckpt-{kept}" in last
-    assert 2 <= kept < 40 and not (tmp_path / "mm" / "summary.json").exists()
+    assert 2 <= kept < 24 and not (tmp_path / "mm" / "summary.json").exists()
     image.write_bytes(original)
     result = _train_mm(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "mm" / "summary.json").read_text())
-    assert summary["steps"] == 40 and summary["resumed_from_step"] == kept
+    assert summary["steps"] == 24 and summary["resumed_from_step"] == kept
