@@ -25,6 +25,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/mm_step.py --json
 	$(PY) bench/graph_bench.py --json
 	$(PY) bench/scaling.py --json
+	$(PY) bench/data_check.py --json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+import flagdefs  # noqa: E402  (bin/ is on sys.path: the script's folder)
 from mm_tf.data import datasets  # noqa: E402
 from mm_tf.data.errors import DatasetError  # noqa: E402
 
@@ -61,9 +62,8 @@ def main(argv):
         pairs, info = datasets.read_dataset(
             f.dataset, f.data_dir, f.split, list_file=f.list_file,
             num_classes=f.num_classes, ignore_label=f.ignore_label)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except DatasetError as e:  # Every missing file of a list is one of its `problems`.
+        flagdefs.fail(str(e), getattr(e, "problems", ()))
     report = datasets.check_dataset(pairs, info, workers=f.workers)
     print(format_summary(report, f.split))
     if f.json:

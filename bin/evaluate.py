@@ -37,6 +37,7 @@ flags.DEFINE_integer("max_images", 0, "Evaluate only the first N images (0 = all
 flags.DEFINE_string("predictions_dir", None,
                     "Write each prediction as a palette PNG named after its image.")
 flags.DEFINE_bool("json", False, "Print the scores as one JSON object on the last line.")
+flagdefs.define_data_check_flags()
 
 
 def _inference_config(recorded):
@@ -73,12 +74,11 @@ def main(argv):
     from mm_tf import segmenter
     from mm_tf.data import datasets
     from mm_tf.data import pipeline
-    from mm_tf.data.errors import DatasetError
     from mm_tf.errors import ConfigError
     import numpy as np
     from PIL import Image
 
-    try:
+    with flagdefs.training_errors_as_one_line():
         network, model_config = segmenter.load_model(
             *flagdefs.trained_model_paths_from_flags())
         recorded = model_config.get("data", {})
@@ -97,6 +97,7 @@ def main(argv):
                               f"{model_config['num_classes']}")
         if FLAGS.max_images:
             pairs = pairs[:FLAGS.max_images]
+        info = flagdefs.check_data_from_flags(pairs, info, recorded.get("unknown_labels"))
         inference = _inference_config(model_config.get("inference", {}))
 
         on_prediction = None
@@ -117,8 +118,6 @@ def main(argv):
         scores = evaluation.Evaluator(pipeline.eval_dataset(pairs, info, eval_input),
                                       info.num_classes, model_config["class_names"],
                                       inference, on_prediction).run(network)
-    except (DatasetError, ConfigError) as e:
-        flagdefs.fail(str(e))
     if FLAGS.json:
         keys = ("miou", "per_class_iou", "pixel_acc", "mean_acc", "confusion_matrix",
                 "num_images")

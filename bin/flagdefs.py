@@ -10,6 +10,7 @@ import contextlib
 import os
 import pathlib
 import sys
+from typing import Optional
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -34,6 +35,22 @@ def define_data_flags(split_default: str = "train") -> None:
     flags.DEFINE_integer("ignore_label", None, "--dataset=list: raw ignore value.")
     flags.DEFINE_string("tfrecord_pattern", None,
                         "Read sharded TFRecords (bin/make_tfrecords.py) instead of files.")
+    define_data_check_flags()
+
+
+def define_data_check_flags() -> None:
+    """--check_data (the pre-flight check of the listed files) and --unknown_labels."""
+    flags.DEFINE_enum("check_data", "quick", ["quick", "full", "off"],
+                      "Before the first step: quick = every listed file exists, is a "
+                      "complete PNG/JPEG whose header decodes, labels are grey/palette "
+                      "PNGs of their image's size (headers only); full = also decode "
+                      "every pixel and check the label values (bin/check_dataset.py's "
+                      "check); off = none (the input pipeline still stops at a bad file, "
+                      "naming it). Every problem is listed, then one error line.")
+    flags.DEFINE_enum("unknown_labels", "error", ["error", "ignore"],
+                      "Label values outside the data set's classes, ignore value and "
+                      "known void ids: error (a bad file, named with its values) or "
+                      "ignore (void: such pixels are not trained or scored).")
 
 
 def define_input_flags() -> None:
@@ -142,6 +159,12 @@ def trained_model_paths_from_flags():
     if not (weights and config):
         raise ConfigError("give --workdir of a bin/train_seg.py run, or both --weights and "
                           "--model_config")
+    if os.path.isfile(weights):  # A missing one is named with where it should be.
+        from mm_tf.models import weights as weights_lib  # pylint: disable=import-outside-toplevel
+        try:
+            weights_lib.check_weights_file(weights)
+        except weights_lib.WeightsFileError as e:
+            raise ConfigError(str(e)) from None
     return weights, config
 
 
@@ -197,6 +220,38 @@ def images_from_flags():
                                   ignore_label=FLAGS.ignore_label)
 
 
+# (pairs, info) of every check_data_from_flags call, for naming the file behind a
+# decoder error that TensorFlow reports without it (see training_errors_as_one_line).
+_CHECKED_DATA = []
+
+
+def check_data_from_flags(pairs, info, recorded_unknown_labels: Optional[str] = None):
+    """The --check_data pre-flight check of `pairs` (TensorFlow-free: call it before the
+    strategy, so a bad file fails in seconds) with `info` under --unknown_labels (or, when
+    that flag is not given, `recorded_unknown_labels` if set: a trained run's); returns
+    that info. Raises mm_tf.data.errors.DataCheckError listing every problem."""
+    # pylint: disable=import-outside-toplevel
+    import dataclasses
+    import time
+    from mm_tf.data import datasets
+    from mm_tf.data.errors import DataCheckError
+    unknown_labels = FLAGS.unknown_labels
+    if recorded_unknown_labels and not FLAGS["unknown_labels"].present:
+        unknown_labels = recorded_unknown_labels
+    info = dataclasses.replace(info, unknown_labels=unknown_labels)
+    _CHECKED_DATA.append((pairs, info))
+    # TFRecords hold copies, checked when they were written (bin/make_tfrecords.py).
+    if FLAGS.check_data == "off" or getattr(FLAGS, "tfrecord_pattern", None):
+        return info
+    started = time.perf_counter()
+    problems = datasets.check_files(pairs, info, FLAGS.check_data)
+    if problems:
+        raise DataCheckError(problems)
+    print(f"data check ({FLAGS.check_data}): {len(set(map(tuple, pairs)))} pairs good in "
+          f"{time.perf_counter() - started:.2f} s", flush=True)
+    return info
+
+
 def input_config_from_flags(**overrides):
     """InputConfig from the input flags (plus the seed and TFRecord source)."""
     from mm_tf.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -217,23 +272,69 @@ def loop_config_from_flags():
                                image_every=FLAGS.image_every, verbose=FLAGS.verbose)
 
 
-@contextlib.contextmanager
-def training_errors_as_one_line():
-    """Turns what a user of a training binary can fix — bad data, flags or weights, a
-    diverged run — into one `error:` line and exit 2 instead of a traceback."""
+def _data_error_line(error: Exception, resume_dir: Optional[str]) -> Optional[str]:
+    """The one line of a failure of the input pipeline (None for other errors), naming
+    the file (found by a full check when TensorFlow's message does not) and the newest
+    checkpoint of `resume_dir`, which the failure left as it was."""
     # pylint: disable=import-outside-toplevel
-    from mm_tf import training
-    from mm_tf.data.errors import DatasetError
+    if "tensorflow" not in sys.modules:  # No TensorFlow, no TensorFlow error.
+        return None
+    import tensorflow as tf
+    from mm_tf.data import datasets, pipeline
+    line = pipeline.data_error_message(error)
+    if line is None:
+        return None
+    if line.startswith(pipeline.UNNAMED_DATA_ERROR):
+        print(f"{line}\nlooking for the file with --check_data=full ...", file=sys.stderr)
+        found = [problem for pairs, info in _CHECKED_DATA
+                 for problem in datasets.check_files(pairs, info, "full")]
+        line = found[0] if found else line + " (a full check of the files finds no problem)"
+    latest = resume_dir and tf.train.latest_checkpoint(os.path.join(resume_dir, "checkpoints"))
+    if latest:
+        line += (f" [newest checkpoint kept: {latest}; fix the file and rerun the same "
+                 "command to resume from it]")
+    return line
+
+
+@contextlib.contextmanager
+def training_errors_as_one_line(resume_dir: Optional[str] = None):
+    """Turns what a user of a binary can fix — bad data (each problem of a pre-flight
+    check on its own line first), flags or weights, a file the input pipeline cannot
+    read, a diverged run — into one `error:` line and exit 2 instead of a traceback.
+    `resume_dir`: the run folder whose newest checkpoint a data failure names."""
+    # pylint: disable=import-outside-toplevel
+    from mm_tf.data.errors import DataCheckError, DatasetError
     from mm_tf.errors import ConfigError
-    from mm_tf.models.weights import WeightsMismatchError
     try:
         yield
-    except (DatasetError, WeightsMismatchError, training.TrainingDivergedError,
-            ConfigError) as e:
+    except DataCheckError as e:
+        fail(str(e), e.problems)
+    except (DatasetError, ConfigError) as e:
         fail(str(e))
+    except Exception as e:  # pylint: disable=broad-except
+        # Looked up, not imported: importing these modules loads TensorFlow, and an
+        # exception of a module not imported yet cannot have been raised.
+        for module, name in (("mm_tf.models.weights", "WeightsMismatchError"),
+                             ("mm_tf.training", "TrainingDivergedError")):
+            if module in sys.modules and isinstance(e, getattr(sys.modules[module], name)):
+                fail(str(e))
+        line = _data_error_line(e, resume_dir)
+        if line is None:
+            raise
+        fail(line)
 
 
-def fail(message: str) -> None:
-    """Prints a one-line error for the user and exits 2 (no traceback)."""
+MAX_PROBLEMS_SHOWN = 50
+
+
+def fail(message: str, problems=()) -> None:
+    """Prints `problems`, when there are several, one a line (up to MAX_PROBLEMS_SHOWN;
+    a single one is the message), then a one-line error for the user, and exits 2."""
+    problems = problems if len(problems) > 1 else ()
+    for problem in problems[:MAX_PROBLEMS_SHOWN]:
+        print(f"  {problem}", file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more (bin/check_dataset.py "
+              "--json lists them all)", file=sys.stderr)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

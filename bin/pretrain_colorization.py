@@ -45,11 +45,12 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
-    # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf.proxy import colorization
-
-    with flagdefs.training_errors_as_one_line():
+    with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
         pairs, info = flagdefs.images_from_flags()
+        info = flagdefs.check_data_from_flags(pairs, info)
+        # Imported here so --help is instant and flag errors come before TensorFlow loads.
+        from mm_tf.proxy import colorization  # pylint: disable=import-outside-toplevel
         config = colorization.ColorizationConfig(
             backbone=FLAGS.backbone, width=FLAGS.width,
             num_chroma_bins=FLAGS.num_chroma_bins, num_hue_bins=FLAGS.num_hue_bins,

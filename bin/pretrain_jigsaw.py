@@ -44,11 +44,12 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
-    # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf.proxy import jigsaw
-
-    with flagdefs.training_errors_as_one_line():
+    with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
         pairs, info = flagdefs.images_from_flags()
+        info = flagdefs.check_data_from_flags(pairs, info)
+        # Imported here so --help is instant and flag errors come before TensorFlow loads.
+        from mm_tf.proxy import jigsaw  # pylint: disable=import-outside-toplevel
         config = jigsaw.JigsawConfig(
             backbone=FLAGS.backbone, width=FLAGS.width, tile_size=FLAGS.tile_size,
             channel_jitter=FLAGS.channel_jitter, num_permutations=FLAGS.num_permutations,

@@ -59,14 +59,15 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
-    # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import mix as mix_lib
-    from mm_tf import tuner
-
-    with flagdefs.training_errors_as_one_line():
-        # First: logical devices and the multi-worker runtime need an untouched TF.
+    with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
+        pairs, info = flagdefs.dataset_from_flags()
+        info = flagdefs.check_data_from_flags(pairs, info)
+        # Imported here so --help is instant and flag errors come before TensorFlow loads.
+        from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
+        from mm_tf import tuner  # pylint: disable=import-outside-toplevel
+        # Before any op: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
-        # Cheap checks next, so a wrong flag fails before any data is read.
         loop = flagdefs.loop_config_from_flags()
         loop.validate()
         config = tuner.TuneConfig(
@@ -79,9 +80,10 @@ def main(argv):
         config.validate()
         probe = flagdefs.probe_config_from_flags()
         probe.validate(loop.log_every)
-        pairs, info = flagdefs.dataset_from_flags()
-        probe_pairs = (flagdefs.dataset_from_flags(FLAGS.probe_split)[0]
-                       if probe.enabled else None)
+        probe_pairs = None
+        if probe.enabled:
+            probe_pairs = flagdefs.dataset_from_flags(FLAGS.probe_split)[0]
+            flagdefs.check_data_from_flags(probe_pairs, info)
         background = FLAGS.background_class
         if background is None:
             background = info.background_class

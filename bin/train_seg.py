@@ -66,18 +66,20 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
-    # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import evaluation
-    from mm_tf import segmenter
     from mm_tf.data import datasets
 
-    with flagdefs.training_errors_as_one_line():
-        # First: logical devices and the multi-worker runtime need an untouched TF.
-        strategy = flagdefs.strategy_from_flags()
+    with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
         train_pairs, info = flagdefs.dataset_from_flags()
         val_pairs, _ = datasets.read_dataset(
             FLAGS.dataset, FLAGS.data_dir, FLAGS.eval_split, list_file=FLAGS.eval_list_file,
             num_classes=FLAGS.num_classes, ignore_label=FLAGS.ignore_label)
+        info = flagdefs.check_data_from_flags(train_pairs + val_pairs, info)
+        # Imported here so --help is instant and flag errors come before TensorFlow loads.
+        from mm_tf import evaluation  # pylint: disable=import-outside-toplevel
+        from mm_tf import segmenter  # pylint: disable=import-outside-toplevel
+        # Before any op: logical devices and the multi-worker runtime need an untouched TF.
+        strategy = flagdefs.strategy_from_flags()
         config = segmenter.SegConfig(
             backbone=FLAGS.backbone, head=FLAGS.head, width=FLAGS.width,
             input_mode=FLAGS.input_mode, init=FLAGS.init, iter_size=FLAGS.iter_size,
@@ -89,7 +91,7 @@ def main(argv):
         # Where bin/evaluate.py finds the evaluation data by default.
         data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),
                 "split": FLAGS.eval_split, "num_classes": FLAGS.num_classes,
-                "ignore_label": FLAGS.ignore_label,
+                "ignore_label": FLAGS.ignore_label, "unknown_labels": FLAGS.unknown_labels,
                 "list_file": (os.path.abspath(FLAGS.eval_list_file)
                               if FLAGS.eval_list_file else None)}
         summary = segmenter.run_segmentation(

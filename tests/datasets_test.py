@@ -1,5 +1,6 @@
 """Tests of mm_tf.data.datasets (readers, checker) and mm_tf.data.sbd on tiny PNG fixtures."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -11,7 +12,7 @@ from PIL import Image
 from mm_tf import common
 from mm_tf.data import datasets, sbd
 from mm_tf.data.datasets import check_dataset, check_pair, read_dataset
-from mm_tf.data.errors import DatasetError
+from mm_tf.data.errors import DataCheckError, DatasetError
 
 H, W = 5, 7
 
@@ -324,6 +325,13 @@ def test_missing_file_in_list_names_file_and_line(tmp_path):
     (tmp_path / "lab" / "b.png").unlink()
     with pytest.raises(DatasetError, match=r"train\.txt:2: label not found: .*lab/b\.png"):
         read_dataset("camvid", tmp_path, "train")
+    (tmp_path / "img" / "a.png").unlink()
+    with pytest.raises(DataCheckError) as raised:  # Every missing file, not the first.
+        read_dataset("camvid", tmp_path, "train")
+    assert [p.split(": ")[1] for p in raised.value.problems] == ["image not found",
+                                                                  "label not found"]
+    assert str(raised.value).startswith("2 data problems; the first: ")
+    assert str(raised.value).endswith("img/a.png")
     make_voc(tmp_path / "voc", {"train": ["a", "gone"]}, {"a": np.zeros((H, W))})
     with pytest.raises(DatasetError, match=r"train\.txt:2: image of 'gone' not found"):
         read_dataset("voc", tmp_path / "voc", "train")
@@ -386,14 +394,60 @@ def test_out_of_range_label_names_values(tmp_path):
     stats, errors = check_pair(image, label, info)
     assert stats is None and len(errors) == 1
     assert errors[0] == (f"{label}: label values 12 (3 px), 254 (1 px) outside [0, 11) "
-                         "or ignore 11")
+                         "or ignore 11 (--unknown_labels=ignore treats such values as void)")
 
 
 def test_rgb_label_is_rejected(tmp_path):
     image, _, info = one_pair(tmp_path)
-    label = write_image(tmp_path / "rgb_label.png")
+    label = write_image(tmp_path / "rgb_label.png")  # Random colours: not class colours.
     stats, errors = check_pair(image, str(label), info)
-    assert stats is None and "mode RGB" in errors[0] and errors[0].startswith(str(label))
+    assert stats is None and errors[0].startswith(str(label))
+    assert "label is an RGB colour image" in errors[0] and "CamVid" not in errors[0]
+
+
+def test_colour_coded_label_is_named_as_such(tmp_path):
+    image, _, info = one_pair(tmp_path)
+    ids = random_label(range(11), seed=3)
+    label = tmp_path / "colour.png"
+    Image.fromarray(info.palette[ids]).save(label)  # [H, W, 3] class colours, as LabeledApproved.
+    for mode in ("quick", "full"):
+        errors = datasets.check_files([(image, str(label))], info, mode)
+        assert len(errors) == 1 and errors[0].startswith(str(label)), errors
+        assert "100% of its pixels have camvid's class colours" in errors[0]
+        assert "colour-coded label" in errors[0]
+
+
+def test_quick_check_reads_headers_and_ends_only(tmp_path):
+    """quick finds truncation, sizes and modes; label values need full."""
+    labels = {f"f{i}": np.zeros((H, W)) for i in range(4)}
+    labels["f2"] = np.full((H, W), 40)  # Outside CamVid's 0..11.
+    make_list_dataset(tmp_path, labels)
+    big = write_image(tmp_path / "img" / "f0.png", size=(64, 64))
+    big.write_bytes(big.read_bytes()[:-20])  # Cut short: the IEND chunk is gone.
+    write_image(tmp_path / "img" / "f3.png", size=(2, 2))
+    pairs, info = read_dataset("camvid", tmp_path, "train")
+    quick = datasets.check_files(pairs, info, "quick", workers=2)
+    assert len(quick) == 2, quick
+    assert quick[0].startswith(str(big)) and "truncated PNG" in quick[0]
+    assert "lab/f3.png: label size 7x5 differs" in quick[1]
+    full = datasets.check_files(pairs, info, "full", workers=2)
+    assert [e.split(":")[0] for e in full] == [str(big), str(tmp_path / "lab" / "f2.png"),
+                                               str(tmp_path / "lab" / "f3.png")]
+    assert "label values 40 (35 px)" in full[1]
+    assert datasets.check_files(pairs, info, "off") == []
+    with pytest.raises(DatasetError, match="--check_data=fast"):
+        datasets.check_files(pairs, info, "fast")
+
+
+def test_unknown_labels_ignore_accepts_every_value(tmp_path):
+    image, label, info = one_pair(tmp_path, np.full((H, W), 40))
+    assert datasets.check_files([(image, label)], info, "full")
+    ignoring = dataclasses.replace(info, unknown_labels="ignore")
+    assert datasets.check_files([(image, label)], ignoring, "full") == []
+    stats, _ = check_pair(image, label, ignoring)
+    assert stats.ignore_pixels == H * W  # 40 is void: the LUT sends it to ignore.
+    with pytest.raises(DatasetError, match="--unknown_labels=void"):
+        dataclasses.replace(info, unknown_labels="void")
 
 
 def test_check_dataset_reports_every_error(tmp_path):

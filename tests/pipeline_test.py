@@ -1,6 +1,8 @@
 """Tests of mm_tf.data.pipeline (and the preview of its batches) on tiny generated data."""
 
+import dataclasses
 import io
+import pathlib
 
 import numpy as np
 import pytest
@@ -117,7 +119,9 @@ def test_eval_keeps_full_images_and_reads_palette_indices(demo_root):
     pairs = demo_pairs(demo_root, "val")
     lut = np.full(256, 255, np.uint8)
     lut[:5] = [0, 3, 2, 1, 255]  # A non-identity LUT: class 4 becomes ignore, 1 <-> 3.
-    batches = take(pipeline.eval_dataset(pairs, demo_info(lut), pipeline.InputConfig()), 10)
+    # Raw 4 is then a value outside the classes: void by choice, not an error.
+    info = dataclasses.replace(demo_info(lut), unknown_labels="ignore")
+    batches = take(pipeline.eval_dataset(pairs, info, pipeline.InputConfig()), 10)
     assert len(batches) == len(pairs)
     for batch, (image_path, label_path) in zip(batches, pairs, strict=True):
         assert batch[common.IMAGE].shape == (1, 40, 56, 3)
@@ -160,14 +164,89 @@ def test_eval_pads_mixed_sizes_and_reads_grey_labels(tmp_path):
     ).all()
 
 
-def test_rgb_label_and_size_mismatch_are_rejected(tmp_path):
+def _one_line_failure(pairs, info, train=False):
+    """data_error_message of the error the first batch of `pairs` raises."""
+    config = pipeline.InputConfig(crop_size=8, batch_size=1)
+    ds = (pipeline.train_dataset(pairs, info, config) if train
+          else pipeline.eval_dataset(pairs, info, config))
+    with pytest.raises(tf.errors.OpError) as raised:
+        take(ds, 1)
+    return pipeline.data_error_message(raised.value)
+
+
+def test_bad_files_fail_with_one_line_naming_them(tmp_path):
     image = write_png(tmp_path / "image.png", np.zeros((8, 8, 3)))
     rgb_label = write_png(tmp_path / "rgb.png", np.zeros((8, 8, 3)))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="RGB"):
-        take(pipeline.eval_dataset([(image, rgb_label)], demo_info(), pipeline.InputConfig()), 1)
+    assert _one_line_failure([(image, rgb_label)], demo_info()) == (
+        f"{rgb_label}: label is an RGB colour image; expected class ids (a single-channel or "
+        "palette PNG): colour-coded labels must be converted to class ids")
     small_label = write_png(tmp_path / "small.png", np.zeros((4, 8)))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="sizes differ"):
-        take(pipeline.eval_dataset([(image, small_label)], demo_info(), pipeline.InputConfig()), 1)
+    line = _one_line_failure([(image, small_label)], demo_info(), train=True)
+    assert line == (f"{small_label}: label size (height, width) 4 8 differs from the "
+                    f"image size 8 8 of {image}")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(pathlib.Path(image).read_bytes()[:-12])
+    label = write_png(tmp_path / "label.png", np.zeros((8, 8)))
+    assert _one_line_failure([(str(cut), label)], demo_info()) == (
+        f"{cut}: cannot decode image: the file is cut short (no end marker)")
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"GIF? no, garbage")
+    assert _one_line_failure([(str(garbage), label)], demo_info(), train=True).startswith(
+        f"{garbage}: cannot decode image: not a PNG, JPEG")
+    gone = tmp_path / "gone.png"
+    assert str(gone) in _one_line_failure([(str(gone), label)], demo_info())
+    assert pipeline.data_error_message(ValueError("x")) is None
+    assert pipeline.data_error_message(tf.errors.InternalError(None, None, "x")) is None
+
+
+def test_failures_inside_a_function_and_unnamed_ones_are_one_line(tmp_path):
+    """Keras fit reads the iterator inside a tf.function, whose errors read differently;
+    a file damaged in its middle fails in TensorFlow's decoder, which names no file."""
+    image = write_png(tmp_path / "image.png", np.random.default_rng(0).integers(
+        0, 256, (32, 32, 3)))
+    values = np.zeros((32, 32))
+    values[0, 0] = 40
+    label = write_png(tmp_path / "label.png", values)
+    ds = pipeline.eval_dataset([(image, label)], demo_info(), pipeline.InputConfig())
+
+    @tf.function
+    def first(iterator):
+        return next(iterator)[common.LABEL]
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        first(iter(ds))
+    assert pipeline.data_error_message(raised.value).startswith(f"{label}: label values 40 ")
+    data = bytearray(pathlib.Path(image).read_bytes())
+    data[100:140] = bytes(40)  # Inside the compressed pixels; signature and end intact.
+    pathlib.Path(image).write_bytes(bytes(data))
+    line = _one_line_failure([(image, write_png(tmp_path / "ok.png", np.zeros((32, 32))))],
+                             demo_info())
+    assert line.startswith(pipeline.UNNAMED_DATA_ERROR), line
+    assert "{{" not in line and "[[" not in line and "\n" not in line, line
+
+
+def test_label_values_outside_the_classes_fail_unless_ignored(tmp_path):
+    values = np.zeros((8, 8))
+    values[0, :3] = [40, 41, 254]  # Demo classes are 0..4, ignore 255.
+    image = write_png(tmp_path / "image.png", np.zeros((8, 8, 3)))
+    label = write_png(tmp_path / "label.png", values)
+    assert _one_line_failure([(image, label)], demo_info(), train=True) == (
+        f"{label}: label values 40 41 254 outside [0, 5) or ignore 255 "
+        "(--unknown_labels=ignore treats such values as void)")
+    ignoring = dataclasses.replace(demo_info(), unknown_labels="ignore")
+    (batch,) = take(pipeline.eval_dataset([(image, label)], ignoring, pipeline.InputConfig()), 1)
+    assert (batch[common.LABEL][0, 0, :3] == 255).all() and (batch[common.LABEL][0, 1:] == 0).all()
+
+
+def test_label_value_check_is_the_same_eagerly_and_in_a_function(tmp_path):
+    raw = tf.constant([[0, 4], [255, 9]], tf.uint8)
+    def check(label):
+        return pipeline.check_label_values(label, demo_info(), "x.png")
+
+    for run in (check, tf.function(check)):
+        np.testing.assert_array_equal(run(raw[:, :1]), raw[:, :1])
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)x\.png.*values.*9"):
+            run(raw)
 
 
 def test_palette_png_decoding_needs_pil():

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: run a binary in a subprocess, read its JSON line, and the
-demo data set's DatasetInfo and file pairs built without the reader."""
+"""Helpers shared by the tests: run a binary in a subprocess, read its JSON line, the
+demo data set's DatasetInfo and file pairs built without the reader, and damaged files."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 
 from mm_tf.data import synthetic
 from mm_tf.data.datasets import DatasetInfo
@@ -50,3 +51,42 @@ def demo_pairs(root: pathlib.Path, split: str):
         (str(root / "JPEGImages" / f"{i}.png"), str(root / "SegmentationClass" / f"{i}.png"))
         for i in ids
     ]
+
+
+def damage(path, how: str) -> None:
+    """Damages one demo data file in place, as files get damaged in practice: "truncate"
+    (its first 1000 bytes), "shrink" (a label cut to its top quarter), "values" (25
+    label pixels of value 40, outside the demo's classes), "colour" (an index label saved
+    as the RGB colours of the demo palette)."""
+    path = pathlib.Path(path)
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+        return
+    with Image.open(path) as label:
+        ids = np.array(label)  # uint8 [H, W] palette indices
+    if how == "shrink":
+        _save_palette_label(ids[: ids.shape[0] // 4], path)
+    elif how == "values":
+        ids.reshape(-1)[:25] = 40
+        _save_palette_label(ids, path)
+    elif how == "colour":
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: synthetic.NUM_CLASSES] = synthetic.PALETTE
+        Image.fromarray(palette[ids]).save(path)
+    else:
+        raise ValueError(f"unknown damage {how!r}")
+
+
+def _save_palette_label(ids, path) -> None:
+    """Writes uint8 [H, W] class ids as a palette PNG, as the demo stores labels."""
+    image = Image.fromarray(np.asarray(ids, np.uint8), mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: synthetic.NUM_CLASSES] = synthetic.PALETTE
+    image.putpalette(palette.reshape(-1).tolist())
+    image.save(path)
+
+
+def error_lines(stderr: str) -> tuple:
+    """(the last line of stderr, the lines that start with "error:")."""
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else "", [line for line in lines if line.startswith("error:")]

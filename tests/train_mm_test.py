@@ -10,7 +10,12 @@ import subprocess
 import sys
 import time
 
+import h5py
+import numpy as np
 import pytest
+
+from mm_tf.data import synthetic
+from testutil import damage, demo_pairs, error_lines  # tests/ is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MM_FLAGFILES = sorted(p.name for p in (ROOT / "flags").glob("*_mm.flags"))
@@ -55,20 +60,28 @@ def test_demo_flagfile_trains_and_writes_summary(tmp_path, small_demo_dir):
     assert summary["movement"]["conv1_1"] > 0
 
 
+def _start_until_checkpoint(args, workdir, step: int, **popen_kwargs) -> subprocess.Popen:
+    """Starts bin/train_mm.py and returns it, still running, once it has written the
+    checkpoint of `step` (the test fails if the run ends first: raise --steps)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "bin/train_mm.py", *args], cwd=ROOT, env=env,
+                            **popen_kwargs)
+    state = pathlib.Path(workdir) / "checkpoints" / "checkpoint"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and f"ckpt-{step}" in state.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before checkpoint {step}; raise --steps"
+    return proc
+
+
 def test_sigkill_then_rerun_resumes_to_the_same_step_count(tmp_path, small_demo_dir):
     workdir = tmp_path / "mm"
     args = _demo_args(small_demo_dir, f"--workdir={workdir}", "--steps=30", "--lr_boundaries=15",
                       "--image_every=0")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "bin/train_mm.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = workdir / "checkpoints" / "checkpoint"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and "ckpt-3" in state.read_text():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "run ended before it could be killed; raise --steps"
+    proc = _start_until_checkpoint(args, workdir, 3, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "summary.json").exists()
@@ -88,3 +101,53 @@ def test_bad_input_is_one_clear_line(tmp_path, small_demo_dir, extra, needle):
     assert result.returncode != 0
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["not_hdf5", "truncated"])
+def test_unreadable_init_is_one_line_naming_it(tmp_path, small_demo_dir, kind):
+    path = tmp_path / "init.weights.h5"
+    if kind == "not_hdf5":
+        path.write_text("<html>a download page, not weights</html>\n")
+    else:  # A real HDF5 file cut short, as an interrupted copy leaves it.
+        with h5py.File(path, "w") as f:
+            f.create_dataset("layers/conv2d/vars/0", data=np.ones((3, 3, 3, 4), np.float32))
+        path.write_bytes(path.read_bytes()[:1500])
+    result = _train_mm(*_demo_args(small_demo_dir, f"--workdir={tmp_path / 'mm'}",
+                                   f"--init={path}"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last, errors = error_lines(result.stderr)
+    assert errors == [last] and str(path) in last, result.stderr[-3000:]
+    assert ("not a Keras .weights.h5" if kind == "not_hdf5" else "truncated or damaged") in last
+
+
+def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
+    """--check_data=off, an image truncated while the run trains: the run stops naming
+    it, its newest checkpoint is untouched, and once the file is back the same command
+    restores that checkpoint (the resumed step proves it loaded) and finishes."""
+    root = synthetic.generate_demo_dataset(tmp_path / "data", num_train=4, num_val=1,
+                                           height=64, width=64)
+    image = pathlib.Path(demo_pairs(root, "train")[2][0])
+    original = image.read_bytes()
+    args = _demo_args(root, f"--workdir={tmp_path / 'mm'}", "--steps=24", "--lr_boundaries=12",
+                      "--image_every=0", "--check_data=off")
+    log = tmp_path / "stderr.txt"  # A file, not a pipe: nobody reads it while it runs.
+    with open(log, "w") as stderr_file:
+        proc = _start_until_checkpoint(args, tmp_path / "mm", 2, stdout=subprocess.DEVNULL,
+                                       stderr=stderr_file)
+        damage(image, "truncate")  # Every epoch (2 steps) reads every image again.
+        proc.wait(timeout=240)
+    stderr = log.read_text()
+    state = tmp_path / "mm" / "checkpoints" / "checkpoint"
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    last, errors = error_lines(stderr)
+    assert errors == [last] and last.startswith(f"error: {image}: cannot decode image"), \
+        stderr[-3000:]
+    kept = int(state.read_text().split('"')[1].split("-")[1])  # model_checkpoint_path
+    assert f"newest checkpoint kept: {tmp_path / 'mm' / 'checkpoints'}/ckpt-{kept}" in last
+    assert 2 <= kept < 24 and not (tmp_path / "mm" / "summary.json").exists()
+    image.write_bytes(original)
+    result = _train_mm(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "mm" / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["resumed_from_step"] == kept

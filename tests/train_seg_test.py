@@ -7,8 +7,12 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
+
+from mm_tf.data import synthetic
+from testutil import damage, demo_pairs, error_lines  # tests/ is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEG_FLAGFILES = sorted(p.name for p in (ROOT / "flags").glob("*_seg.flags"))
@@ -85,10 +89,15 @@ def test_binary_defaults_are_the_paper_values():
 
 
 def test_demo_flagfile_trains_and_writes_the_model(tmp_path):
+    """Also the --unknown_labels=ignore case (one run for both, TF start-up is ~10 s): a
+    label with values outside the classes trains, those pixels void."""
     workdir = tmp_path / "seg"
-    result = _train_seg(*_demo_args(tmp_path, f"--workdir={workdir}"))
+    synthetic.generate_demo_dataset(tmp_path / "data")  # What the binary would generate.
+    damage(demo_pairs(tmp_path / "data", "train")[0][1], "values")
+    result = _train_seg(*_demo_args(tmp_path, f"--workdir={workdir}",
+                                    "--unknown_labels=ignore"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "mIoU" in result.stdout
+    assert "mIoU" in result.stdout and "data check (quick): 250 pairs good" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["images_per_update"] == 4
     assert summary["eval"]["num_images"] > 0 and 0.0 <= summary["eval"]["miou"] <= 1.0
@@ -96,6 +105,7 @@ def test_demo_flagfile_trains_and_writes_the_model(tmp_path):
     assert model_config["dataset"] == "demo" and model_config["head"] == "hypercolumn"
     assert model_config["data"]["split"] == "val"
     assert model_config["data"]["data_dir"] == str(tmp_path / "data")
+    assert model_config["data"]["unknown_labels"] == "ignore"  # bin/evaluate.py reuses it.
     assert (workdir / "model.weights.h5").is_file()
     assert list((workdir / "tensorboard" / "val").iterdir())
 
@@ -130,3 +140,74 @@ def test_mismatched_init_names_the_layer(tmp_path, wide_backbone):
     assert result.returncode != 0
     assert "layer 'conv1_1'" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- bad data, one line each
+
+
+@pytest.fixture
+def tiny_demo(tmp_path):
+    """A fresh 4 + 2 image demo data set that a test may damage: (root, train pairs)."""
+    root = synthetic.generate_demo_dataset(tmp_path / "tiny", num_train=4, num_val=2,
+                                           height=64, width=64)
+    return root, demo_pairs(root, "train")
+
+
+def _seg_on(root, tmp_path, *extra):
+    return _train_seg("--flagfile=flags/demo_seg.flags", f"--data_dir={root}", *SMOKE,
+                      f"--workdir={tmp_path / 'seg'}", *extra)
+
+
+def _assert_one_line_naming(result, path, needle):
+    """Non-zero exit, no traceback, and a last line that is the one error, naming `path`."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last, errors = error_lines(result.stderr)
+    assert errors == [last] and str(path) in last and needle in last, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("damage_kind,which,needle,extra", [
+    ("truncate", 0, "truncated PNG", []),
+    ("shrink", 1, "label size 64x16 differs from image", []),
+    ("colour", 1, "is a colour-coded label", []),
+    ("missing", 1, "not found", []),
+    ("values", 1, "label values 40 (25 px)", ["--check_data=full"]),
+])
+def test_preflight_check_names_the_file(tiny_demo, tmp_path, damage_kind, which, needle,
+                                        extra):
+    """Each problem the pre-flight check finds ends the run before TensorFlow starts."""
+    root, pairs = tiny_demo
+    path = pathlib.Path(pairs[2][which])
+    if damage_kind == "missing":
+        path.unlink()
+    else:
+        damage(path, damage_kind)
+    started = time.time()
+    result = _seg_on(root, tmp_path, *extra)
+    _assert_one_line_naming(result, path, needle)
+    assert not (tmp_path / "seg" / "checkpoints").exists()
+    assert time.time() - started < 60
+
+
+def test_preflight_lists_every_problem_then_one_line(tiny_demo, tmp_path):
+    root, pairs = tiny_demo
+    damage(pairs[0][0], "truncate")
+    damage(pairs[1][1], "shrink")
+    damage(pairs[3][1], "values")
+    result = _seg_on(root, tmp_path, "--check_data=full")
+    _assert_one_line_naming(result, pairs[0][0], "error: 3 data problems; the first: ")
+    listed = [line.strip() for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert [line.split(":")[0] for line in listed] == [pairs[0][0], pairs[1][1], pairs[3][1]]
+
+
+def test_out_of_range_labels_stop_training(tiny_demo, tmp_path):
+    """The quick check reads no pixels: the input pipeline finds the values and names
+    them (--unknown_labels=ignore: test_demo_flagfile_trains_and_writes_the_model). A
+    val label: the TensorBoard preview reads the val images before the first step, so
+    the run stops before the train step is traced (~15 s less)."""
+    root, _ = tiny_demo
+    label = demo_pairs(root, "val")[1][1]
+    damage(label, "values")
+    result = _seg_on(root, tmp_path)
+    assert "data check (quick): 6 pairs good" in result.stdout
+    _assert_one_line_naming(result, label, "label values 40 outside [0, 5) or ignore 255")

@@ -166,5 +166,27 @@ def test_load_into_segmentation_model_backbone(tmp_path, images):
 def test_bad_suffix_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="must end with"):
         weights.save_backbone_weights(_backbone(1), tmp_path / "b.h5")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(weights.WeightsFileError, match="absent.weights.h5: weights file not"):
         weights.load_backbone_weights(_backbone(1), tmp_path / "absent.weights.h5")
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".npz"])
+def test_unreadable_files_are_one_line_naming_them(tmp_path, suffix):
+    good = tmp_path / f"good{suffix}"
+    weights.save_backbone_weights(_backbone(1), good)
+    data = good.read_bytes()
+    text = tmp_path / f"text{suffix}"
+    text.write_text("not a weights file\n")
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    model = _backbone(2)
+    before = [v.numpy() for v in model.weights]
+    for path, needle in ((text, "not a"), (cut, "truncated or damaged")):
+        with pytest.raises(weights.WeightsFileError) as raised:
+            weights.load_backbone_weights(model, path)
+        message = str(raised.value)
+        assert message.startswith(f"{path}: ") and needle in message, message
+        assert "\n" not in message
+    for variable, value in zip(model.weights, before):  # Nothing was assigned.
+        np.testing.assert_array_equal(variable.numpy(), value)
+    weights.check_weights_file(good)

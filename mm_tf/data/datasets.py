@@ -8,7 +8,10 @@ without labels (label path "", `DatasetInfo.has_labels` False) for the proxy tas
 
 `check_dataset(pairs, info)` decodes every pair with PIL/numpy and reports all the
 problems it finds (corrupt files, size mismatches, unexpected label values) together
-with the per-class pixel counts.
+with the per-class pixel counts. `check_files(pairs, info, mode)` is the pre-flight check
+of the training and evaluation binaries: "quick" reads only file headers and ends
+(existence, format, completeness, label mode, sizes), "full" is `check_pair` on every
+pair. Both list every problem, not the first.
 
 Example:
     pairs, info = read_dataset("camvid", "../shared/data/camvid", "train")
@@ -27,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from mm_tf import common
-from mm_tf.data.errors import DatasetError
+from mm_tf.data.errors import DataCheckError, DatasetError
 
 Pair = tuple[str, str]
 
@@ -54,6 +57,8 @@ CAMVID_CLASSES = (
 CAMVID_VOID = 11
 
 IMAGE_EXTENSIONS = (".jpg", ".png")  # Tried in this order when a layout names ids only.
+UNKNOWN_LABELS = ("error", "ignore")  # DatasetInfo.unknown_labels, --unknown_labels.
+CHECK_MODES = ("quick", "full", "off")  # check_files(mode=...), --check_data.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,6 +76,9 @@ class DatasetInfo:
             void, ignored or unknown values.
         has_labels: False for image-only data sets (`--dataset=images`), whose pairs have
             an empty label path: usable by the proxy tasks only.
+        unknown_labels: what a raw label value outside the data set's classes, ignore
+            value and known void ids means: `"error"` (a bad file, reported by the
+            checker and by the input pipeline) or `"ignore"` (void, mapped to 255).
 
     Example:
         train_ids = info.label_lut[np.asarray(Image.open(label_path))]  # [H, W] uint8
@@ -84,9 +92,13 @@ class DatasetInfo:
     background_class: Optional[int]
     label_lut: np.ndarray
     has_labels: bool = True
+    unknown_labels: str = "error"
 
     def __post_init__(self):
         """Checks the shapes and freezes the arrays (a frozen dataclass must not mutate)."""
+        if self.unknown_labels not in UNKNOWN_LABELS:
+            raise DatasetError(f"--unknown_labels={self.unknown_labels}: expected one of "
+                               f"{', '.join(UNKNOWN_LABELS)}")
         if not 0 < self.num_classes < common.IGNORE_LABEL:
             raise DatasetError(
                 f"{self.name}: num_classes must be in [1, 254], got {self.num_classes}")
@@ -260,6 +272,20 @@ def _pair_from_ids(root, stem, label_dirs, where) -> Pair:
     raise DatasetError(f"{where}: label of '{stem}' not found: {expected}")
 
 
+def _all_pairs(lines, make_pair: Callable) -> list:
+    """[make_pair(line) for line in lines] (pairs, or images); the DatasetError of every bad line (a missing
+    file, a malformed line) is collected and raised together as one DataCheckError."""
+    pairs, problems = [], []
+    for line in lines:
+        try:
+            pairs.append(make_pair(line))
+        except DatasetError as e:
+            problems.append(str(e))
+    if problems:
+        raise DataCheckError(problems)
+    return pairs
+
+
 def _nonempty(pairs: list[Pair], what: str) -> list[Pair]:
     """`pairs`, or DatasetError naming `what` when the split has no example."""
     if not pairs:
@@ -287,8 +313,8 @@ def _voc_pairs(root: pathlib.Path, split: str, label_dirs: Sequence[str]) -> lis
     """Pairs of a VOC `ImageSets/Segmentation/<split>.txt` id list."""
     list_path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     _require_file(list_path, f"split list of --split={split}")
-    pairs = [_pair_from_ids(root, fields[0], label_dirs, f"{list_path}:{number}")
-             for number, fields in _read_lines(list_path)]
+    pairs = _all_pairs(_read_lines(list_path), lambda line: _pair_from_ids(
+        root, line[1][0], label_dirs, f"{list_path}:{line[0]}"))
     return _nonempty(pairs, f"split list {list_path}")
 
 
@@ -328,8 +354,8 @@ def _read_voc_aug(data_dir, split, *, list_file, num_classes, ignore_label):
     root = _data_root(data_dir)
     if split in ("train", "train_aug"):
         list_path = _aug_list_path(root)
-        pairs = [_aug_line_pair(root, fields, f"{list_path}:{number}")
-                 for number, fields in _read_lines(list_path)]
+        pairs = _all_pairs(_read_lines(list_path), lambda line: _aug_line_pair(
+            root, line[1], f"{list_path}:{line[0]}"))
         return _nonempty(pairs, f"split list {list_path}"), info
     # Evaluation keeps VOC's own fine labels (with their 255 boundaries) when present.
     return _voc_pairs(root, split, ["SegmentationClass", "SegmentationClassAug"]), info
@@ -342,24 +368,28 @@ def _read_cityscapes(data_dir, split, *, list_file, num_classes, ignore_label):
     root = _data_root(data_dir)
     image_root = _require_dir(root / "leftImg8bit" / split, f"Cityscapes images of --split={split}")
     label_root = _require_dir(root / "gtFine" / split, f"Cityscapes labels of --split={split}")
-    pairs = []
-    for image in sorted(image_root.glob("*/*_leftImg8bit.png")):
+
+    def pair(image: pathlib.Path) -> Pair:
         stem = image.name[: -len("_leftImg8bit.png")]
         label = label_root / image.parent.name / f"{stem}_gtFine_labelIds.png"
         _require_file(label, f"label of {image}")
-        pairs.append((str(image), str(label)))
+        return str(image), str(label)
+
+    pairs = _all_pairs(sorted(image_root.glob("*/*_leftImg8bit.png")), pair)
     return _nonempty(pairs, f"Cityscapes split {image_root}"), info
 
 
 def _list_pairs(list_path: pathlib.Path, root: pathlib.Path) -> list[Pair]:
     """Pairs of an `IMAGE LABEL` list file, both paths relative to `root`."""
-    pairs = []
-    for number, fields in _read_lines(list_path):
+
+    def pair(line) -> Pair:
+        number, fields = line
         where = f"{list_path}:{number}"
         if len(fields) != 2:
             raise DatasetError(f"{where}: expected 'IMAGE LABEL', got {' '.join(fields)!r}")
-        pairs.append(_existing_pair(root / fields[0], root / fields[1], where))
-    return _nonempty(pairs, f"split list {list_path}")
+        return _existing_pair(root / fields[0], root / fields[1], where)
+
+    return _nonempty(_all_pairs(_read_lines(list_path), pair), f"split list {list_path}")
 
 
 def _read_camvid(data_dir, split, *, list_file, num_classes, ignore_label):
@@ -442,12 +472,15 @@ def _read_images(data_dir, split, *, list_file, num_classes, ignore_label):
         list_path = _require_file(
             pathlib.Path(os.path.abspath(list_file)) if list_file else root / f"{split}.txt",
             f"--dataset=images: a folder {root / split} of images or a list of image paths")
-        images = []
-        for number, fields in _read_lines(list_path):
+
+        def listed_image(line) -> pathlib.Path:
+            number, fields = line
             image = list_path.parent / fields[0]
             if not image.is_file():
                 raise DatasetError(f"{list_path}:{number}: image {image} not found")
-            images.append(image)
+            return image
+
+        images = _all_pairs(_read_lines(list_path), listed_image)
     else:
         images = sorted(p for p in (root / split).rglob("*")
                         if p.suffix.lower() in IMAGE_FILE_SUFFIXES and p.is_file())
@@ -492,6 +525,99 @@ class PairStats:
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
+# What a complete file starts and ends with. TensorFlow's decoders fail on a cut-short
+# file without naming it, so the quick check and the input pipeline look for the end
+# marker among the last END_WINDOW bytes (a little padding after it is tolerated).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"  # The IEND chunk's type and CRC: the last 8 bytes of a PNG.
+JPEG_SIGNATURE = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"  # End-of-image marker.
+END_WINDOW = 64
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP")  # What tf.io.decode_image reads.
+
+
+def _truncation(path: str) -> Optional[str]:
+    """Why the PNG/JPEG at `path` is cut short (its end marker is missing), or None."""
+    with open(path, "rb") as f:
+        head = f.read(len(PNG_SIGNATURE))
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - END_WINDOW))
+        tail = f.read()
+    if head.startswith(PNG_SIGNATURE) and PNG_END not in tail:
+        return "truncated PNG (no IEND chunk at its end)"
+    if head.startswith(JPEG_SIGNATURE) and JPEG_END not in tail:
+        return "truncated JPEG (no end-of-image marker at its end)"
+    return None
+
+
+def _probe(path: str, what: str, formats: Sequence[str]):
+    """((width, height), mode, None) read from the header of `path`, after checking that
+    it exists, is in one of `formats` and is not cut short; else (None, None, error)."""
+    try:
+        with Image.open(path) as image:
+            size, mode, file_format = image.size, image.mode, image.format
+        if file_format not in formats:
+            return None, None, (f"{path}: {what} is {file_format}; expected "
+                                f"{' or '.join(formats)}")
+        cut = _truncation(path)
+        if cut:
+            return None, None, f"{path}: cannot decode {what}: {cut}"
+        return size, mode, None
+    except FileNotFoundError:
+        return None, None, f"{path}: {what} not found"
+    except _DECODE_ERRORS as e:
+        return None, None, f"{path}: cannot decode {what}: {e}"
+
+
+def _colour_share(label: Image.Image, palette: np.ndarray) -> float:
+    """Share of the pixels of an RGB(A) label whose colour is one of `palette`'s [K, 3]."""
+    codes = np.asarray(label.convert("RGB"), np.int64).reshape(-1, 3) @ (65536, 256, 1)
+    return float(np.isin(codes, np.asarray(palette, np.int64) @ (65536, 256, 1)).mean())
+
+
+def _label_mode_error(path: str, mode: str, info: DatasetInfo) -> str:
+    """The error of a label PNG that is neither single-channel nor palette; names the
+    common mistake of colour-coded labels when its colours are the class colours."""
+    if mode not in ("RGB", "RGBA"):
+        return f"{path}: label must be a single-channel or palette PNG, got mode {mode}"
+    message = (f"{path}: label is an {mode} colour image; expected class ids (a "
+               "single-channel or palette PNG)")
+    try:
+        with Image.open(path) as label:
+            share = _colour_share(label, info.palette)
+    except _DECODE_ERRORS:
+        return message
+    if share < 0.5:
+        return message + " (colour-coded labels must be converted to class ids)"
+    return (f"{message}: {share:.0%} of its pixels have {info.name}'s class colours, so it "
+            "is a colour-coded label (such as CamVid's LabeledApproved images or a VOC "
+            "palette saved as RGB); use the index label PNGs, or convert the colours to "
+            "class ids")
+
+
+def _size_error(image_path, image_size, label_path, label_size) -> str:
+    """The error of a label whose (width, height) differs from its image's."""
+    return (f"{label_path}: label size {label_size[0]}x{label_size[1]} differs from "
+            f"image {image_path} size {image_size[0]}x{image_size[1]}")
+
+
+def probe_pair(image_path: str, label_path: str, info: DatasetInfo) -> list[str]:
+    """The quick check of one pair from the file headers and ends, without decoding
+    pixels: both files exist, are complete and decodable formats, the label is a
+    single-channel or palette PNG, and both have one size. -> error strings ([] if good)."""
+    image_size, _, image_error = _probe(image_path, "image", IMAGE_FORMATS)
+    if label_path == NO_LABEL:  # An image-only pair: the image is all there is to check.
+        return [image_error] if image_error else []
+    label_size, mode, label_error = _probe(label_path, "label", ("PNG",))
+    errors = [e for e in (image_error, label_error) if e]
+    if label_error:
+        return errors
+    if mode not in ("P", "L"):
+        errors.append(_label_mode_error(label_path, mode, info))
+    if image_size is not None and image_size != label_size:
+        errors.append(_size_error(image_path, image_size, label_path, label_size))
+    return errors
+
 
 def _decode_image(path: str):
     """((width, height), None) of a fully decoded image, or (None, error naming `path`)."""
@@ -508,9 +634,6 @@ def _decode_label(path: str):
     try:
         with Image.open(path) as label:
             label.load()
-            if label.mode not in ("P", "L"):
-                return None, (f"{path}: label must be a single-channel or palette PNG, "
-                              f"got mode {label.mode}")
             return np.array(label, dtype=np.uint8), None
     except _DECODE_ERRORS as e:
         return None, f"{path}: cannot decode label: {e}"
@@ -526,19 +649,25 @@ def _known_raw_values(name: str) -> list[int]:
 
 
 def valid_raw_values(info: DatasetInfo) -> np.ndarray:
-    """bool [256]: raw values allowed in label files (a train id, the ignore value, known void)."""
+    """bool [256]: raw values allowed in label files (a train id, the ignore value, known
+    void; every value when `info.unknown_labels == "ignore"`)."""
+    if info.unknown_labels == "ignore":
+        return np.ones(256, bool)
     valid = info.label_lut != common.IGNORE_LABEL
     valid[info.ignore_label] = True
     valid[_known_raw_values(info.name)] = True
     return valid
 
 
-def _describe_valid(info: DatasetInfo) -> str:
+def describe_valid(info: DatasetInfo) -> str:
     """Human description of the allowed raw label values, for error messages."""
     known = _known_raw_values(info.name)
     if known:
         return f"the {info.name} label ids {min(known)}..{max(known)}"
     return f"[0, {info.num_classes}) or ignore {info.ignore_label}"
+
+
+UNKNOWN_LABELS_HINT = "--unknown_labels=ignore treats such values as void"
 
 
 def _label_errors(histogram: np.ndarray, info: DatasetInfo, path: str) -> list[str]:
@@ -548,13 +677,18 @@ def _label_errors(histogram: np.ndarray, info: DatasetInfo, path: str) -> list[s
         return []
     shown = ", ".join(f"{v} ({histogram[v]} px)" for v in bad[:8])
     more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-    return [f"{path}: label values {shown}{more} outside {_describe_valid(info)}"]
+    return [f"{path}: label values {shown}{more} outside {describe_valid(info)}"
+            f" ({UNKNOWN_LABELS_HINT})"]
 
 
 def check_pair(image_path: str, label_path: str, info: DatasetInfo):
-    """Decodes one pair -> (PairStats, []) if it is good, else (None, error strings)."""
+    """Checks one pair (probe_pair, then decodes every pixel and checks the label values)
+    -> (PairStats, []) if it is good, else (None, error strings)."""
+    errors = probe_pair(image_path, label_path, info)
+    if errors:
+        return None, errors
     image_size, image_error = _decode_image(image_path)
-    if label_path == NO_LABEL:  # An image-only pair: the image is all there is to check.
+    if label_path == NO_LABEL:
         if image_error:
             return None, [image_error]
         return PairStats(np.zeros(info.num_classes, np.int64),
@@ -563,10 +697,7 @@ def check_pair(image_path: str, label_path: str, info: DatasetInfo):
     errors = [e for e in (image_error, label_error) if e]
     if raw is None:
         return None, errors
-    label_size = (raw.shape[1], raw.shape[0])
-    if image_size is not None and image_size != label_size:
-        errors.append(f"{label_path}: label size {label_size[0]}x{label_size[1]} differs from "
-                      f"image {image_path} size {image_size[0]}x{image_size[1]}")
+    label_size = (raw.shape[1], raw.shape[0])  # Equal to the image's: probe_pair checked.
     histogram = np.bincount(raw.ravel(), minlength=256).astype(np.int64)  # [256]
     errors += _label_errors(histogram, info, label_path)
     if errors:
@@ -580,12 +711,36 @@ def check_pair(image_path: str, label_path: str, info: DatasetInfo):
     return stats, errors
 
 
-def check_dataset(pairs: Sequence[Pair], info: DatasetInfo, workers: Optional[int] = None) -> dict:
-    """Checks every pair (all errors, not the first) -> JSON-ready summary dict."""
+def _map_pairs(check: Callable, pairs: Sequence[Pair], workers: Optional[int]) -> list:
+    """[check(image, label) for each pair], in pair order, on a pool of threads."""
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
     # PIL releases the GIL while inflating/decoding, so threads overlap the I/O and zlib.
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda pair: check_pair(pair[0], pair[1], info), pairs))
+        return list(pool.map(lambda pair: check(pair[0], pair[1]), pairs))
+
+
+def check_files(pairs: Sequence[Pair], info: DatasetInfo, mode: str = "quick",
+                workers: Optional[int] = None) -> list[str]:
+    """The pre-flight check of training and evaluation: every problem of `pairs`, one
+    string each naming its file ([] when all are good; a pair listed twice is checked
+    once). mode "quick": `probe_pair`
+    (headers and file ends); "full": `check_pair` (every pixel, label values); "off": []."""
+    if mode not in CHECK_MODES:
+        raise DatasetError(f"--check_data={mode}: expected one of {', '.join(CHECK_MODES)}")
+    if mode == "off":
+        return []
+    pairs = list(dict.fromkeys(tuple(pair) for pair in pairs))  # Each file once.
+    if mode == "quick":
+        results = _map_pairs(lambda i, l: probe_pair(i, l, info), pairs, workers)
+    else:
+        results = [errors for _, errors in
+                   _map_pairs(lambda i, l: check_pair(i, l, info), pairs, workers)]
+    return [error for errors in results for error in errors]
+
+
+def check_dataset(pairs: Sequence[Pair], info: DatasetInfo, workers: Optional[int] = None) -> dict:
+    """Checks every pair (all errors, not the first) -> JSON-ready summary dict."""
+    results = _map_pairs(lambda i, l: check_pair(i, l, info), pairs, workers)
     pixels = np.zeros(info.num_classes, np.int64)
     ignore_pixels, sizes, errors, num_bad = 0, {}, [], 0
     for stats, pair_errors in results:

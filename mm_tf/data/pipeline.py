@@ -16,10 +16,19 @@ the indices. The class ids of a palette PNG are therefore read with PIL in a
 `decode_png` path, and RGB label PNGs are rejected instead of being silently read as
 luminance. The TFRecord writer stores every label as a single-channel index PNG, so the
 TFRecord source never needs PIL.
+
+Bad files fail as assertions that name the file: before decoding, an image must be a
+PNG, JPEG, GIF or BMP and a PNG/JPEG must end with its end marker (TensorFlow's own
+decoders fail on a cut-short file without naming it); a label must be a grey or palette
+PNG of its image's size, with values allowed by `datasets.valid_raw_values(info)` (one
+[256]-entry gather and a reduction per element; nothing when `info.unknown_labels` is
+"ignore"). `data_error_message` turns such a failure, raised from an iterator, into one
+line for the user.
 """
 
 import dataclasses
 import io
+import re
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -28,6 +37,7 @@ from PIL import Image
 
 from mm_tf import common
 from mm_tf.data import augment as augment_lib
+from mm_tf.data import datasets
 from mm_tf.data import tfrecords
 
 SOURCE_FILES = "files"
@@ -39,10 +49,12 @@ SOURCES = (SOURCE_FILES, SOURCE_TFRECORD)
 _AUGMENT_SALT = 0x5EED
 # PNG layout: 8-byte signature, IHDR length (4), "IHDR" (4), width (4), height (4),
 # bit depth (1), colour type (1).
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_SIGNATURE = datasets.PNG_SIGNATURE
 _PNG_COLOR_TYPE_OFFSET = 25
 _PNG_PALETTE = 3
 _PNG_RGB_TYPES = (2, 6)
+# The first bytes of the formats tf.io.decode_image reads (datasets.IMAGE_FORMATS).
+_IMAGE_SIGNATURES = (datasets.PNG_SIGNATURE, datasets.JPEG_SIGNATURE, b"GIF8", b"BM")
 
 Pairs = Sequence[Tuple[str, str]]
 
@@ -129,6 +141,49 @@ def _palette_indices(png_bytes) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+def _has_marker_at_end(data, marker: bytes) -> tf.Tensor:
+    """bool []: `marker` occurs among the last `datasets.END_WINDOW` bytes of string []."""
+    length = tf.strings.length(data)
+    tail = tf.strings.substr(data, tf.maximum(length - datasets.END_WINDOW, 0),
+                             datasets.END_WINDOW)
+    starts = tf.range(tf.maximum(tf.strings.length(tail) - len(marker) + 1, 0))
+    windows = tf.strings.substr(tf.fill(tf.shape(starts), tail), starts,
+                                tf.fill(tf.shape(starts), len(marker)))
+    return tf.reduce_any(tf.equal(windows, marker))
+
+
+def _is_complete(data) -> tf.Tensor:
+    """bool []: string [] is not a PNG or JPEG cut short (the rule of the quick check)."""
+    png_cut = tf.logical_and(tf.equal(tf.strings.substr(data, 0, 8), datasets.PNG_SIGNATURE),
+                             tf.logical_not(_has_marker_at_end(data, datasets.PNG_END)))
+    jpeg_cut = tf.logical_and(
+        tf.equal(tf.strings.substr(data, 0, 2), datasets.JPEG_SIGNATURE),
+        tf.logical_not(_has_marker_at_end(data, datasets.JPEG_END)))
+    return tf.logical_not(tf.logical_or(png_cut, jpeg_cut))
+
+
+def _file_assert(condition, filename, what: str):
+    """An assertion whose message reads "<filename>: <what>" (see data_error_message)."""
+    return tf.debugging.Assert(condition, [filename, ": " + what])
+
+
+def decode_image(image_bytes, filename="") -> tf.Tensor:
+    """Decode a whole PNG/JPEG/GIF/BMP file into uint8 [H, W, 3], first asserting (naming
+    `filename`) that it is one of those formats and, for PNG/JPEG, not cut short."""
+    image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
+    known = tf.reduce_any([tf.equal(tf.strings.substr(image_bytes, 0, len(signature)),
+                                    signature) for signature in _IMAGE_SIGNATURES])
+    checks = [
+        _file_assert(known, filename, "cannot decode image: not a PNG, JPEG, GIF or BMP file"),
+        _file_assert(_is_complete(image_bytes), filename,
+                     "cannot decode image: the file is cut short (no end marker)"),
+    ]
+    with tf.control_dependencies(checks):
+        image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8,
+                                   expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
 def decode_label(label_bytes, filename="") -> tf.Tensor:
     """Decode a label PNG (single-channel ids or palette indices) into uint8 [H, W] raw values."""
     label_bytes = tf.convert_to_tensor(label_bytes, tf.string)
@@ -138,11 +193,12 @@ def decode_label(label_bytes, filename="") -> tf.Tensor:
     )[0]
     is_rgb = tf.reduce_any(tf.equal(color_type, tf.constant(_PNG_RGB_TYPES, tf.uint8)))
     checks = [
-        tf.debugging.Assert(header_ok, ["label is not a PNG file:", filename]),
-        tf.debugging.Assert(
-            tf.logical_not(is_rgb),
-            ["label PNG is RGB(A); expected class ids (grey) or palette indices:", filename],
-        ),
+        _file_assert(header_ok, filename, "label is not a PNG file"),
+        _file_assert(tf.logical_not(is_rgb), filename,
+                     "label is an RGB colour image; expected class ids (a single-channel or "
+                     "palette PNG): colour-coded labels must be converted to class ids"),
+        _file_assert(_is_complete(label_bytes), filename,
+                     "cannot decode label: the file is cut short (no IEND chunk)"),
     ]
     with tf.control_dependencies(checks):
         is_palette = tf.equal(color_type, _PNG_PALETTE)
@@ -157,21 +213,24 @@ def decode_label(label_bytes, filename="") -> tf.Tensor:
     return tf.ensure_shape(label, [None, None])
 
 
-def decode_pair(image_bytes, label_bytes, filename=""):
+def decode_pair(image_bytes, label_bytes, filename="", label_name=None):
     """Decode image and label bytes into image uint8 [H, W, 3] and raw label uint8 [H, W].
-    Empty label bytes (an image-only pair) give a label of `common.IGNORE_LABEL` only."""
-    image = tf.io.decode_image(image_bytes, channels=3, dtype=tf.uint8, expand_animations=False)
+    Empty label bytes (an image-only pair) give a label of `common.IGNORE_LABEL` only.
+    Failures name `filename` (the image) or `label_name` (default: `filename`)."""
+    label_name = filename if label_name is None else label_name
+    image = decode_image(image_bytes, filename)
     label = tf.cond(
         tf.equal(tf.strings.length(label_bytes), 0),
         lambda: tf.fill(tf.shape(image)[:2], tf.constant(common.IGNORE_LABEL, tf.uint8)),
-        lambda: decode_label(label_bytes, filename))
+        lambda: decode_label(label_bytes, label_name))
     image_size = tf.shape(image)[:2]
     label_size = tf.shape(label)
     with tf.control_dependencies(
         [
             tf.debugging.Assert(
                 tf.reduce_all(tf.equal(image_size, label_size)),
-                ["image and label sizes differ:", filename, image_size, label_size],
+                [label_name, ": label size (height, width) ", label_size,
+                 " differs from the image size ", image_size, " of ", filename],
             )
         ]
     ):
@@ -179,9 +238,70 @@ def decode_pair(image_bytes, label_bytes, filename=""):
     return tf.ensure_shape(image, [None, None, 3]), label
 
 
+def check_label_values(label, info, label_name="") -> tf.Tensor:
+    """Raw label uint8 [H, W], unchanged, asserting (naming `label_name` and the values)
+    that every value is allowed by `datasets.valid_raw_values(info)`."""
+    valid = datasets.valid_raw_values(info)
+    if valid.all():  # unknown_labels="ignore": every value is void or a class.
+        return label
+    allowed = tf.gather(tf.constant(valid), tf.cast(label, tf.int32))  # bool [H, W]
+
+    def fail():
+        values, _ = tf.unique(tf.boolean_mask(label, tf.logical_not(allowed)))
+        message = [label_name, ": label values ", tf.sort(tf.cast(values, tf.int32)),
+                   f" outside {datasets.describe_valid(info)} "
+                   f"({datasets.UNKNOWN_LABELS_HINT})"]
+        # Computed only on failure: the values are gathered in this branch alone.
+        with tf.control_dependencies([tf.debugging.Assert(False, message, summarize=16)]):
+            return tf.identity(label)
+
+    return tf.cond(tf.reduce_all(allowed), lambda: label, fail)
+
+
 def map_label(label, label_lut) -> tf.Tensor:
     """Map raw label values uint8 [H, W] to train ids uint8 [H, W] via a [256] LUT (255 ignore)."""
     return tf.gather(tf.constant(np.asarray(label_lut, np.uint8)), tf.cast(label, tf.int32))
+
+
+def _read_example(ref, info, source: str):
+    """One reference -> (image uint8 [H, W, 3], train ids uint8 [H, W], image filename []),
+    every check of the module applied."""
+    image_bytes, label_bytes, filename, label_name = _load(ref, source)
+    image, label = decode_pair(image_bytes, label_bytes, filename, label_name)
+    label = check_label_values(label, info, label_name)
+    return image, map_label(label, info.label_lut), filename
+
+
+# What TensorFlow puts before an error of an iterator's input function, on its line.
+_WRAPPERS = (r"\{\{function_node [^}]*\}\}",
+             r"Error in user-defined function passed to \S+ transformation with iterator: "
+             r"\S+: ",
+             r"\[Op:IteratorGetNext\].*")
+_ASSERTION = "assertion failed: ["
+UNNAMED_DATA_ERROR = "reading the data failed: "  # A message that may not name the file.
+
+
+def data_error_message(error: Exception) -> Optional[str]:
+    """One line for the user from a failure of this pipeline raised by an iterator (an
+    assertion naming the file, or a decoder's or reader's own error); None when `error`
+    is no such failure. The line names the file whenever TensorFlow's message does."""
+    if not isinstance(error, tf.errors.OpError):
+        return None
+    message = error.message or ""
+    if "IteratorGetNext" not in message and "assertion failed" not in message:
+        return None
+    if _ASSERTION in message:
+        # Assert prints each part of our message as "[part]", separated by spaces.
+        body = message[message.index(_ASSERTION) + len(_ASSERTION):].split("\n")[0]
+        return "".join(body[:body.rfind("]")].split("] ["))
+    # Eagerly: "{{function_node ...}} <error>\n\t [[node]]"; in a tf.function, lines of
+    # "Graph execution error: Detected at node ..." come first. The error's own line is
+    # the last before the node list.
+    lines = [line for line in message.split("\n\t [[")[0].splitlines() if line.strip()]
+    text = lines[-1] if lines else message
+    for wrapper in _WRAPPERS:
+        text = re.sub(wrapper, "", text)
+    return f"{UNNAMED_DATA_ERROR}{' '.join(text.split())}"
 
 
 def _examples(pairs, config: InputConfig) -> Tuple[tf.data.Dataset, int]:
@@ -206,14 +326,17 @@ def _examples(pairs, config: InputConfig) -> Tuple[tf.data.Dataset, int]:
 
 
 def _load(ref, source: str):
-    """Read one reference into encoded image bytes, label bytes and the image file name."""
+    """Read one reference into encoded image bytes, label bytes, the image file name and
+    the label's (a TFRecord names only the image)."""
     if source == SOURCE_FILES:
         # An image-only pair (--dataset=images) has an empty label path: no label file.
         label_bytes = tf.cond(tf.equal(ref["label_path"], ""), lambda: tf.constant(b""),
                               lambda: tf.io.read_file(ref["label_path"]))
-        return tf.io.read_file(ref["image_path"]), label_bytes, ref["image_path"]
+        return (tf.io.read_file(ref["image_path"]), label_bytes, ref["image_path"],
+                ref["label_path"])
     example = tfrecords.parse_example(ref)
-    return example["image_bytes"], example["label_bytes"], example["filename"]
+    return (example["image_bytes"], example["label_bytes"], example["filename"],
+            example["filename"])
 
 
 def element_seed(base_seed: int, index) -> tf.Tensor:
@@ -255,7 +378,6 @@ def train_dataset(
       include_raw_image: also yield RAW_IMAGE, the augmented image uint8 [B,S,S,3] (previews).
     """
     refs, num_examples = _examples(pairs, config)
-    lut = np.asarray(info.label_lut, np.uint8)
     buffer = config.shuffle_buffer or num_examples
     ds = refs.shuffle(buffer, seed=config.seed, reshuffle_each_iteration=True)
     if config.repeat:
@@ -264,9 +386,7 @@ def train_dataset(
     ds = ds.enumerate()
 
     def parse(index, ref):
-        image_bytes, label_bytes, filename = _load(ref, config.source)
-        image, label = decode_pair(image_bytes, label_bytes, filename)
-        label = map_label(label, lut)
+        image, label, _ = _read_example(ref, info, config.source)
         image, label = augment_lib.augment(
             image,
             label,
@@ -305,15 +425,13 @@ def eval_dataset(pairs, info, config: InputConfig, batch_size: int = 1) -> tf.da
     label 255); HEIGHT and WIDTH keep each image's own size.
     """
     refs, _ = _examples(pairs, config)
-    lut = np.asarray(info.label_lut, np.uint8)
 
     def parse(ref):
-        image_bytes, label_bytes, filename = _load(ref, config.source)
-        image, label = decode_pair(image_bytes, label_bytes, filename)
+        image, label, filename = _read_example(ref, info, config.source)
         size = tf.shape(image)
         return {
             common.IMAGE: normalize(image, config.input_mode),
-            common.LABEL: tf.cast(map_label(label, lut), tf.int32),
+            common.LABEL: tf.cast(label, tf.int32),
             common.RAW_IMAGE: image,
             common.FILENAME: filename,
             common.HEIGHT: size[0],

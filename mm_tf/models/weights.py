@@ -17,7 +17,9 @@ Both savers write atomically (a temporary file in the destination folder, then
 `os.replace`), so a crash never leaves a truncated weight file. Both loaders raise
 `WeightsMismatchError` naming the first layer (in model order) that is missing from the
 file or has a different shape, and the first unexpected layer of the file, before any
-variable is changed.
+variable is changed. A file that is missing, of another format or unreadable (a
+truncated copy) raises `WeightsFileError` (a WeightsMismatchError) naming it, from
+`check_weights_file`, which binaries also call on `--weights`.
 
 Example:
     save_backbone_weights(backbone, "/tmp/mm.weights.h5")
@@ -26,6 +28,7 @@ Example:
 
 import os
 import tempfile
+import zipfile
 
 import h5py
 import numpy as np
@@ -42,6 +45,47 @@ class WeightsMismatchError(ValueError):
         self.layer = layer
         self.expected = expected
         self.found = found
+
+
+class WeightsFileError(WeightsMismatchError):
+    """A weight file is missing, not HDF5 (.weights.h5) or zip (.npz), or unreadable."""
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"
+# Errors of h5py and zipfile on a damaged or cut-short file.
+_READ_ERRORS = (OSError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile)
+
+
+def _reason(error: Exception) -> str:
+    """An exception's message on one line (h5py's span several)."""
+    return " ".join(str(error).split())[:300] or type(error).__name__
+
+
+def check_weights_file(path) -> None:
+    """Raises WeightsFileError naming `path` unless it exists, starts like its format
+    (`.npz`: zip; anything else: HDF5, as Keras writes .weights.h5) and opens (a
+    truncated file fails here: both formats keep their index at its end)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsFileError(f"{path}: weights file not found")
+    npz = path.endswith(NPZ_SUFFIX)
+    signature, what = (ZIP_SIGNATURE, "an .npz (zip) of named arrays") if npz else (
+        HDF5_SIGNATURE, "a Keras .weights.h5 (HDF5) file")
+    with open(path, "rb") as f:
+        head = f.read(len(signature))
+    if head != signature:
+        raise WeightsFileError(f"{path}: not {what} (it starts with {head!r})")
+    try:
+        if npz:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        else:
+            with h5py.File(path, "r") as f:
+                f.visit(lambda name: None)
+    except _READ_ERRORS as e:
+        raise WeightsFileError(f"{path}: cannot read {what}, truncated or damaged? "
+                               f"({_reason(e)})") from None
 
 
 def _model_layers(model):
@@ -151,14 +195,18 @@ def load_backbone_weights(model, path):
     path = os.fspath(path)
     if path.endswith(NPZ_SUFFIX):
         return load_npz(model, path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file {path!r} does not exist")
+    check_weights_file(path)
     model_layers = _model_layers(model)
     with h5py.File(path, "r") as f:
         datasets = _h5_layers(f, path)
         # Shapes first: nothing is read into memory or assigned unless the file fits.
         _check(model_layers, {k: [d.shape for d in v] for k, v in datasets.items()}, path)
-        _assign(model_layers, {k: [d[()] for d in v] for k, v in datasets.items()})
+        try:
+            arrays = {k: [d[()] for d in v] for k, v in datasets.items()}
+        except _READ_ERRORS as e:
+            raise WeightsFileError(f"{path}: cannot read the weights, truncated or damaged? "
+                                   f"({_reason(e)})") from None
+    _assign(model_layers, arrays)
 
 
 def save_npz(model, path):
@@ -180,17 +228,21 @@ def save_npz(model, path):
 def load_npz(model, path):
     """Check then load an .npz of "<layer>/<variable>" arrays into `model`."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file {path!r} does not exist")
+    check_weights_file(path)
     model_layers = _model_layers(model)
-    with np.load(path, allow_pickle=False) as data:
-        by_layer = {}
-        for key in data.files:
-            layer, _, var = key.rpartition("/")
-            if not layer:
-                raise WeightsMismatchError(f"{path}: key {key!r} is not '<layer>/<variable>'",
-                                           layer=key)
-            by_layer.setdefault(layer, {})[var] = data[key]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (*_READ_ERRORS, ValueError) as e:  # ValueError: a member that is no array.
+        raise WeightsFileError(f"{path}: cannot read the arrays, truncated or damaged? "
+                               f"({_reason(e)})") from None
+    by_layer = {}
+    for key, array in arrays.items():
+        layer, _, var = key.rpartition("/")
+        if not layer:
+            raise WeightsMismatchError(f"{path}: key {key!r} is not '<layer>/<variable>'",
+                                       layer=key)
+        by_layer.setdefault(layer, {})[var] = array
     # Shapes in the model's variable order (None where the file lacks a variable).
     file_shapes = {}
     for layer, stored in by_layer.items():
