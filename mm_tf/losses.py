@@ -97,11 +97,18 @@ def triplet_loss(embeddings, indices, mask, margin=MARGIN, anchors=None):
         "d_an": tf.reduce_sum(terms["d_an"]) / count,
     }
     if anchors is not None:
-        start, size = anchors
-        own = tf.slice(terms["per_triplet"], tf.reshape(tf.cast(start, tf.int32), [1]),
-                       tf.reshape(tf.cast(size, tf.int32), [1]))
-        result["anchor_share"] = tf.reduce_sum(own) / count
+        result["anchor_share"] = _anchor_share(terms["per_triplet"], anchors, count)
     return result
+
+
+def _anchor_share(per_anchor, anchors, count):
+    """Sum of per_anchor [N] over rows [start, start + size) of anchors=(start, size),
+    divided by `count` (all of the graph's anchors): the shares of replicas holding a
+    graph's anchors sum to the graph's mean."""
+    start, size = anchors
+    own = tf.slice(per_anchor, tf.reshape(tf.cast(start, tf.int32), [1]),
+                   tf.reshape(tf.cast(size, tf.int32), [1]))
+    return tf.reduce_sum(own) / count
 
 
 # ----- Supervised contrastive loss over the graph's nodes -----
@@ -148,10 +155,7 @@ def supcon_loss(embeddings, labels, valid, temperature=TEMPERATURE, anchors=None
     count = tf.maximum(tf.reduce_sum(tf.cast(terms["has_positive"], tf.float32)), 1.0)
     result = {"loss": tf.reduce_sum(terms["per_anchor"]) / count}
     if anchors is not None:
-        start, size = anchors
-        own = tf.slice(terms["per_anchor"], tf.reshape(tf.cast(start, tf.int32), [1]),
-                       tf.reshape(tf.cast(size, tf.int32), [1]))
-        result["anchor_share"] = tf.reduce_sum(own) / count
+        result["anchor_share"] = _anchor_share(terms["per_anchor"], anchors, count)
     return result
 
 
