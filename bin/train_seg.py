@@ -47,6 +47,9 @@ flags.DEFINE_integer("warmup_steps", 0, "Linear learning-rate warm-up over the f
                      "updates (0 = none, the paper).")
 flags.DEFINE_float("backbone_lr_multiplier", 1.0, "Backbone learning rate relative to the "
                    "head's (Caffe lr_mult; 1.0 = one rate, the paper).")
+flags.DEFINE_float("hypercolumn_data_scale", 1.0, "Factor on the raw input (mean-removed, "
+                   "0-255) where the hypercolumn classifier reads it (1.0 = the release; "
+                   "0.0125 brings its rms of ~80 to the other taps' unit scale).")
 flags.DEFINE_integer("iter_size", 2,
                      "Micro-batches of --batch_size images per optimizer update (Caffe's "
                      "iter_size; gradients averaged). --steps counts updates.")
@@ -87,6 +90,7 @@ def main(argv):
             jit_compile=FLAGS.jit_compile, bn_recompute_batches=FLAGS.bn_recompute_batches,
             precision=FLAGS.precision, warmup_steps=FLAGS.warmup_steps,
             backbone_lr_multiplier=FLAGS.backbone_lr_multiplier,
+            hypercolumn_data_scale=FLAGS.hypercolumn_data_scale,
             **flagdefs.optimizer_kwargs_from_flags())
         # Where bin/evaluate.py finds the evaluation data by default.
         data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),

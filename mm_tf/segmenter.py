@@ -133,6 +133,11 @@ class SegConfig:
       backbone_lr_multiplier: the backbone's learning rate relative to the head's
         (Caffe's lr_mult; 1.0: one rate, the paper). Implemented by scaling the
         backbone's gradients, which for SGD with momentum and coupled decay is the same.
+      hypercolumn_data_scale: factor on the raw input where the hypercolumn reads it
+        (`heads.HypercolumnHead`'s data_scale; 1.0: the release). Its rms is ~80 against
+        ~0.7 for the other taps, so at 1.0 its three rows take most of the hidden layer's
+        input (measured at the CamVid CPU settings, random init: pre-activation std 3.0
+        from data, 0.08-0.5 from each other tap).
       bn_recompute_batches: after training, replace every BN layer's moving statistics
         by their average over this many training batches ("precise BN"); 0 (the paper)
         keeps the moving averages. For short CPU runs: with Keras' momentum 0.99 the
@@ -159,6 +164,13 @@ class SegConfig:
     precision: str = training.FLOAT32
     warmup_steps: int = 0
     backbone_lr_multiplier: float = 1.0
+    hypercolumn_data_scale: float = 1.0
+
+    def head_kwargs(self) -> dict:
+        """The head builder's options that differ from its defaults (JSON-ready)."""
+        if self.head == "hypercolumn" and self.hypercolumn_data_scale != 1.0:
+            return {"data_scale": float(self.hypercolumn_data_scale)}
+        return {}
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag of an invalid value."""
@@ -170,6 +182,12 @@ class SegConfig:
                               f"{self.backbone_lr_multiplier}")
         if self.iter_size < 1:
             raise ConfigError(f"--iter_size must be >= 1, got {self.iter_size}")
+        if self.hypercolumn_data_scale < 0:
+            raise ConfigError(f"--hypercolumn_data_scale must be >= 0, got "
+                              f"{self.hypercolumn_data_scale}")
+        if self.hypercolumn_data_scale != 1.0 and self.head != "hypercolumn":
+            raise ConfigError(f"--hypercolumn_data_scale applies to --head=hypercolumn, "
+                              f"not --head={self.head}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
             raise ConfigError(f"--class_weighting={self.class_weighting!r}: expected one of "
                               f"{CLASS_WEIGHTINGS}")
@@ -411,7 +429,8 @@ def recompute_batch_norm_statistics(network: keras.Model, batches) -> int:
 def build_network(config: SegConfig, num_classes: int) -> keras.Model:
     """SegmentationModel of `config`; loads `config.init` into its backbone unless random."""
     network = heads.build_segmentation_model(config.backbone, config.head, num_classes,
-                                              input_mode=config.input_mode, width=config.width)
+                                              input_mode=config.input_mode, width=config.width,
+                                              **config.head_kwargs())
     if config.init != "random":
         if not os.path.isfile(config.init):
             raise ConfigError(f"--init={config.init}: no such weights file (expected "
@@ -431,6 +450,7 @@ def model_config_dict(config: SegConfig, info, data: Optional[dict] = None,
         "head": config.head,
         "width": config.width,
         "input_mode": config.input_mode,
+        "head_options": config.head_kwargs(),
         "num_classes": int(info.num_classes),
         "ignore_label": common.IGNORE_LABEL,
         "dataset": info.name,
@@ -468,7 +488,8 @@ def load_model(weights_path: str, model_config_path: str):
             model_config = json.load(f)
         network = heads.build_segmentation_model(
             model_config["backbone"], model_config["head"], int(model_config["num_classes"]),
-            input_mode=model_config["input_mode"], width=float(model_config["width"]))
+            input_mode=model_config["input_mode"], width=float(model_config["width"]),
+            **dict(model_config.get("head_options") or {}))
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{model_config_path}: not a valid model config ({e})") from e
     try:

@@ -256,6 +256,26 @@ def test_head_config_round_trips():
     assert clone.get_config() == fcn.get_config() and not clone.trainable
 
 
+def test_data_scale_multiplies_the_data_tap_only():
+    """data_scale s on input x == data_scale 1 on s * x with the other taps unchanged, in
+    both the sampled and the dense path; the config keeps s."""
+    keras.utils.set_random_seed(4)
+    specs = [("data", 3, 1), ("conv1", 8, 2), ("fc7", 16, 4)]
+    plain = heads.HypercolumnHead(3, specs, extra_channels=8, hidden_units=16)
+    scaled = heads.HypercolumnHead(3, specs, extra_channels=8, hidden_units=16, data_scale=0.01)
+    scaled.set_weights(plain.get_weights())
+    assert heads.HypercolumnHead.from_config(scaled.get_config()).data_scale == 0.01
+    data = 100.0 * _images([2, 8, 8, 3])
+    others = {"conv1": _images([2, 4, 4, 8], 1), "fc7": _images([2, 2, 2, 16], 2)}
+    points = tf.constant([[[0.0, 0.0], [3.0, 5.0]], [[7.0, 7.0], [2.0, 1.0]]])
+    for kwargs in ({}, {"points": points}):
+        ours = scaled({"data": data, **others}, **kwargs).numpy()
+        np.testing.assert_allclose(ours, plain({"data": 0.01 * data, **others}, **kwargs).numpy(),
+                                   atol=1e-5)
+        # Not a no-op: the raw tap gives other logits.
+        assert np.abs(ours - plain({"data": data, **others}, **kwargs).numpy()).max() > 1e-2
+
+
 def test_model_config_and_keras_file_round_trip(tmp_path):
     keras.utils.set_random_seed(3)
     model = heads.build_segmentation_model("alexnet", "fcn", 3, width=WIDTH, num_points=16)

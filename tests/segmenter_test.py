@@ -2,6 +2,7 @@
 accumulation equal to one big-batch step, a seeded fine-tune on the demo data that beats
 the majority-class baseline, resume, and the saved model reloading to the same scores."""
 
+import json
 import os
 
 import keras
@@ -253,6 +254,26 @@ def test_invalid_config_names_the_flag():
         seg.SegConfig(class_weighting="inverse").validate()
     with pytest.raises(ConfigError, match="--iter_size"):
         seg.SegConfig(iter_size=0).validate()
+    with pytest.raises(ConfigError, match="--hypercolumn_data_scale applies to --head=hyper"):
+        seg.SegConfig(head="fcn", hypercolumn_data_scale=0.5).validate()
+
+
+def test_hypercolumn_data_scale_reaches_the_head_and_the_model_config(demo, tmp_path):
+    """The head option is recorded in model_config.json and a reload rebuilds it."""
+    info = demo[3]
+    config = seg.SegConfig(width=0.0625, hypercolumn_data_scale=0.0125)
+    assert seg.SegConfig(width=0.0625).head_kwargs() == {}
+    keras.utils.set_random_seed(0)
+    network = seg.build_network(config, info.num_classes)
+    assert network.head.data_scale == 0.0125
+    weights = str(tmp_path / "model.weights.h5")
+    seg.save_network_weights(network, weights)
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps(seg.model_config_dict(config, info)))
+    clone, _ = seg.load_model(weights, str(path))
+    assert clone.head.data_scale == 0.0125
+    images = tf.random.stateless_uniform([1, 32, 32, 3], [0, 1], -100.0, 100.0)
+    np.testing.assert_allclose(clone(images).numpy(), network(images).numpy(), atol=1e-5)
 
 
 def test_image_only_data_is_refused_with_the_dataset_named(tmp_path):
