@@ -17,7 +17,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 24
+STEPS = 12
 KILL_AFTER_CHECKPOINT = 3
 
 
@@ -57,7 +57,7 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
     logs.mkdir()
     args = ["--flagfile=flags/demo_mm.flags", "--flagfile=flags/smoke.flags",
             f"--data_dir={small_demo_dir}", f"--workdir={workdir}", "--verbose=0",
-            "--strategy=multi_worker", f"--steps={STEPS}", "--lr_boundaries=12",
+            "--strategy=multi_worker", f"--steps={STEPS}", "--lr_boundaries=6",
             "--image_every=0", "--checkpoint_every=1"]
 
     # First run: wait for a few chief checkpoints, then SIGKILL worker 1, then the chief
@@ -94,7 +94,7 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
     codes = [p.wait(timeout=620) for p in procs]
     assert codes == [0, 0], _tail(logs / "worker0.log") + _tail(logs / "worker1.log")
     for index in range(2):
-        assert "M&M tuning done: 24 steps" in (logs / f"worker{index}.log").read_text()
+        assert f"M&M tuning done: {STEPS} steps" in (logs / f"worker{index}.log").read_text()
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == STEPS
     assert summary["resumed_from_step"] >= KILL_AFTER_CHECKPOINT
