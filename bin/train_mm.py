@@ -44,10 +44,11 @@ flags.DEFINE_float("max_overlap", 0.6, "Skip a candidate covered more than this 
 flags.DEFINE_enum("triplet_mode", "graph", ["graph", "random", "graph_semihard"],
                   "Triplet selection: the paper's graph, random triplets, or semi-hard.")
 flags.DEFINE_float("margin", 2.1, "Triplet margin alpha.")
-flags.DEFINE_enum("loss", "triplet", ["triplet", "supcon"],
+flags.DEFINE_enum("loss", "triplet", ["triplet", "supcon", "soft_triplet"],
                   "triplet: the paper's loss on the graph's triplets; supcon: supervised "
-                  "contrastive over all the graph's nodes (Khosla et al. 2020).")
-flags.DEFINE_float("temperature", 0.1, "SupCon temperature (--loss=supcon).")
+                  "contrastive over all the graph's nodes (Khosla et al. 2020); "
+                  "soft_triplet: softplus of the triplets' distance gap over 2 tau.")
+flags.DEFINE_float("temperature", 0.1, "Temperature tau of --loss=supcon|soft_triplet.")
 flags.DEFINE_float("color_jitter", 0.0, "Photometric jitter strength of each mixed patch "
                    "(SimCLR's colour distortion; 0 = none, the paper).")
 flags.DEFINE_float("random_grey", 0.0, "Probability that a mixed patch is made grey "

@@ -13,6 +13,13 @@ the paper): every valid node is an anchor, all other same-class nodes its positi
 every other valid node in its denominator, on L2-normalised features with temperature
 tau. Anchors without a positive (singleton classes) are left out of the mean.
 
+Soft triplet loss over the graph's triplets (beyond the paper): the hinge replaced by
+softplus((D(a, p) - D(a, n)) / (2 tau)). On unit vectors D = 2 - 2 cos, so each term is
+-log softmax over {p, n} of cos(a, .) / tau: SupCon with one positive and one negative,
+the ones the triplet selection (graph or random) picked. Unlike the margin 2.1 it can
+always be lowered, and unlike SupCon it reads only the selected pairs, so the graph and
+random triplets train different losses.
+
 Pixel cross-entropy of segmentation fine-tuning: per-pixel terms with the ignore label
 excluded from both the sum and the count, reduced explicitly (0, not NaN, when a batch
 has no labelled pixel).
@@ -117,7 +124,8 @@ def _anchor_share(per_anchor, anchors, count):
 TEMPERATURE = 0.1
 TRIPLET = "triplet"
 SUPCON = "supcon"
-LOSSES = (TRIPLET, SUPCON)
+SOFT_TRIPLET = "soft_triplet"
+LOSSES = (TRIPLET, SUPCON, SOFT_TRIPLET)
 
 
 def supcon_terms(embeddings, labels, valid, temperature=TEMPERATURE):
@@ -156,6 +164,21 @@ def supcon_loss(embeddings, labels, valid, temperature=TEMPERATURE, anchors=None
     result = {"loss": tf.reduce_sum(terms["per_anchor"]) / count}
     if anchors is not None:
         result["anchor_share"] = _anchor_share(terms["per_anchor"], anchors, count)
+    return result
+
+
+def soft_triplet_loss(embeddings, indices, mask, temperature=TEMPERATURE, anchors=None):
+    """Masked mean of softplus((d_ap - d_an) / (2 tau)) over the valid triplets of
+    embeddings [N, ...], indices [N, 3], mask [N] (float32 scalar `loss`, 0 if none);
+    with anchors=(start, size) also `anchor_share`, as `triplet_loss`."""
+    terms = triplet_terms(embeddings, indices, mask, margin=0.0)
+    mask = tf.cast(mask, tf.bool)
+    soft = tf.nn.softplus((terms["d_ap"] - terms["d_an"]) / (2.0 * temperature))
+    per_triplet = tf.where(mask, soft, tf.zeros_like(soft))
+    count = tf.maximum(tf.reduce_sum(tf.cast(mask, tf.float32)), 1.0)
+    result = {"loss": tf.reduce_sum(per_triplet) / count}
+    if anchors is not None:
+        result["anchor_share"] = _anchor_share(per_triplet, anchors, count)
     return result
 
 

@@ -61,6 +61,7 @@ SCALAR_NAMES = {
     "loss": "losses/total",
     "triplet_loss": "losses/triplet",
     "supcon_loss": "losses/supcon",
+    "soft_triplet_loss": "losses/soft_triplet",
     "weight_decay": "losses/weight_decay",
     "active_fraction": "triplets/active_fraction",
     "d_ap": "triplets/d_ap",
@@ -94,10 +95,12 @@ class TuneConfig:
         per replica's share of it); equal with one replica.
       precision: "float32", "mixed_bfloat16" or "mixed_float16" (Keras dtype policy of
         the backbone; distances and losses stay float32).
-      loss: "triplet" (the paper: the graph's triplets) or "supcon" (supervised
-        contrastive over all the graph's nodes, same class = positive; beyond the paper).
-        The triplet statistics (active_fraction, d_ap, d_an) are logged either way.
-      temperature: SupCon's temperature tau.
+      loss: "triplet" (the paper: the graph's triplets), "supcon" (supervised
+        contrastive over all the graph's nodes, same class = positive; beyond the paper)
+        or "soft_triplet" (softplus of the selected triplets' distance gap over 2 tau;
+        beyond the paper). The triplet statistics (active_fraction, d_ap, d_an) are
+        logged either way.
+      temperature: tau of SupCon and of the soft triplet loss.
       color_jitter: strength s of per-patch photometric jitter of the mixed patches
         (`mm_tf.data.augment.photometric_jitter`; 0 = none, the paper).
       random_grey: probability that a patch is turned grey (RGB input; 0 = never).
@@ -165,7 +168,8 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         around the all_gather (mix + backbone, then match + loss), for strategies under
         which Keras' `compile(jit_compile=True)` cannot work
         (`mm_tf.distribute.keras_can_jit`). The mix must then use the gather crop.
-      loss, temperature: "triplet" (paper) or "supcon" with its temperature.
+      loss, temperature: "triplet" (paper), "supcon" or "soft_triplet" with its
+        temperature (`mm_tf.losses`).
       color_jitter, random_grey, input_mode: per-patch photometric jitter of the mixed
         patches (0, 0: none) and the input mode it undoes and redoes normalisation in.
 
@@ -207,8 +211,8 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         self._kernels = training.decayed_kernels(self.features)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in (
             "loss", "triplet_loss", "weight_decay", "active_fraction", "d_ap", "d_an",
-            "num_classes", "valid_patches") + (("supcon_loss",) if loss == losses.SUPCON
-                                               else ())}
+            "num_classes", "valid_patches") + (
+                () if loss == losses.TRIPLET else (f"{loss}_loss",))}
         if self.compile_replica_step:
             self._embed_step = tf.function(self.embed, jit_compile=True)
             self._graph_step = tf.function(self.graph_terms, jit_compile=True)
@@ -263,11 +267,16 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
         indices, mask = self.match(labels, valid, match_seed, embeddings=embeddings)
         terms = dict(losses.triplet_loss(features, indices, mask, margin=self.margin,
                                          anchors=(first_anchor, num_anchors)))
-        if self.loss_name == losses.SUPCON:
-            # The graph's triplet statistics stay as monitors; the objective is SupCon's.
+        if self.loss_name != losses.TRIPLET:
+            # The graph's triplet statistics stay as monitors; the objective is the loss's.
             terms["triplet_loss"] = terms["loss"]
-            terms.update(losses.supcon_loss(features, labels, valid, self.temperature,
-                                            anchors=(first_anchor, num_anchors)))
+            if self.loss_name == losses.SUPCON:
+                terms.update(losses.supcon_loss(features, labels, valid, self.temperature,
+                                                anchors=(first_anchor, num_anchors)))
+            else:
+                terms.update(losses.soft_triplet_loss(features, indices, mask,
+                                                      self.temperature,
+                                                      anchors=(first_anchor, num_anchors)))
         terms["num_classes"] = _count_classes(labels, valid)
         terms["valid_patches"] = tf.reduce_sum(tf.cast(valid, tf.float32))
         return terms
@@ -327,8 +336,8 @@ class MMTuner(distribute.StrategyFitMixin, keras.Model):
                   "active_fraction": terms["active_fraction"], "d_ap": terms["d_ap"],
                   "d_an": terms["d_an"], "num_classes": terms["num_classes"],
                   "valid_patches": terms["valid_patches"]}
-        if self.loss_name == losses.SUPCON:
-            values["supcon_loss"] = terms["loss"]
+        if self.loss_name != losses.TRIPLET:
+            values[f"{self.loss_name}_loss"] = terms["loss"]
         for name, value in values.items():
             self._trackers[name].update_state(value)
         return self.fit_logs({name: tracker.result()

@@ -230,3 +230,33 @@ def test_supcon_is_finite_with_one_class_and_with_singletons():
     assert float(loss) == 0.0
     gradient = tape.gradient(loss, x)
     assert gradient is None or np.all(np.isfinite(gradient.numpy()))
+
+
+def test_soft_triplet_loss_by_hand_is_a_two_way_softmax():
+    # Unit rows of _X: the valid triplets (0,1,3), (0,2,1), (1,2,3) have gaps d_ap - d_an
+    # of -2.4, -0.4, -2.0 (module comment); each term is softplus(gap / (2 tau)), which
+    # equals -log softmax of cos/tau over {positive, negative} (D = 2 - 2 cos).
+    tau = 0.25
+    gaps = np.array(_D_AP[:3]) - np.array(_D_AN[:3])
+    expected = np.mean(np.log1p(np.exp(gaps / (2 * tau))))
+    x = _X / np.linalg.norm(_X, axis=1, keepdims=True)
+    two_way = [-np.log(scipy.special.softmax([x[a] @ x[p] / tau, x[a] @ x[n] / tau])[0])
+               for a, p, n in _INDICES[:3]]
+    np.testing.assert_allclose(expected, np.mean(two_way), rtol=1e-6)
+    result = losses.soft_triplet_loss(_X, _INDICES, _MASK, temperature=tau, anchors=(0, 2))
+    np.testing.assert_allclose(float(result["loss"]), expected, rtol=1e-5)
+    # The masked row (3, 1, 2) would add softplus(2 / 0.5): it is left out, not zeroed in.
+    rest = losses.soft_triplet_loss(_X, _INDICES, _MASK, temperature=tau, anchors=(2, 2))
+    np.testing.assert_allclose(float(result["anchor_share"] + rest["anchor_share"]),
+                               expected, rtol=1e-5)
+
+
+def test_soft_triplet_loss_has_no_gradient_from_masked_rows_and_zero_when_empty():
+    x = tf.constant(_X)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = losses.soft_triplet_loss(x, _INDICES, [False, True, False, False])["loss"]
+    gradient = tape.gradient(loss, x).numpy()
+    assert np.all(gradient[3] == 0) and np.abs(gradient[[0, 1, 2]]).sum() > 0
+    empty = losses.soft_triplet_loss(x, _INDICES, np.zeros(4, bool))["loss"]
+    assert float(empty) == 0.0

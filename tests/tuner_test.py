@@ -179,6 +179,26 @@ def test_supcon_objective_and_jitter_train_with_triplet_monitors():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["graph", "random"])
+def test_soft_triplet_objective_reads_the_selected_triplets(mode):
+    backbone = backbones.build_backbone("vgg16", width=0.0625)
+    model = tuner_lib.MMTuner(backbone, MIX, triplet_mode=mode, loss="soft_triplet",
+                              temperature=0.2)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    images, labels = _batch()
+    terms, patches = model.mm_terms(images, labels, tf.constant(0), training=False)
+    features = model.features(patches.patches, training=False)
+    indices, mask = model.match(patches.labels, patches.valid, model.step_seeds(0)[1])
+    expected = losses.soft_triplet_loss(features, indices, mask, 0.2)["loss"]
+    np.testing.assert_allclose(float(terms["loss"]), float(expected), rtol=1e-5)
+    hinge = losses.triplet_loss(features, indices, mask)["loss"]
+    np.testing.assert_allclose(float(terms["triplet_loss"]), float(hinge), rtol=1e-5)
+    logs = model.train_step({common.IMAGE: images, common.LABEL: labels})
+    assert float(logs["soft_triplet_loss"]) > 0
+    np.testing.assert_allclose(float(logs["loss"]), float(logs["soft_triplet_loss"])
+                               + float(logs["weight_decay"]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("field,value,flag", [("loss", "hinge", "--loss"),
                                                ("temperature", 0.0, "--temperature"),
                                                ("random_grey", 1.5, "--random_grey")])
