@@ -13,12 +13,13 @@ from testutil import last_json, run_binary  # tests/ is on sys.path (prepend imp
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A short bin/train_seg.py run on the demo data: (workdir, summary)."""
+def run(tmp_path_factory, small_demo_dir):
+    """A short bin/train_seg.py run on the small demo data (4 val images; the full demo
+    set's generation and evaluation are train_seg_test's): (workdir, summary)."""
     root = tmp_path_factory.mktemp("evaluate")
     workdir = root / "seg"
     result = run_binary("bin/train_seg.py", "--flagfile=flags/demo_seg.flags",
-                        f"--data_dir={root / 'data'}", f"--workdir={workdir}", "--steps=6",
+                        f"--data_dir={small_demo_dir}", f"--workdir={workdir}", "--steps=6",
                         "--log_every=3", "--checkpoint_every=3", "--image_every=0",
                         "--lr_boundaries=3", "--batch_size=2", "--iter_size=2", "--crop_size=64",
                         "--width=0.0625", "--bn_recompute_batches=2", "--verbose=0")
