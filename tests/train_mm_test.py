@@ -78,7 +78,7 @@ def _start_until_checkpoint(args, workdir, step: int, **popen_kwargs) -> subproc
 
 def test_sigkill_then_rerun_resumes_to_the_same_step_count(tmp_path, small_demo_dir):
     workdir = tmp_path / "mm"
-    args = _demo_args(small_demo_dir, f"--workdir={workdir}", "--steps=30", "--lr_boundaries=15",
+    args = _demo_args(small_demo_dir, f"--workdir={workdir}", "--steps=12", "--lr_boundaries=6",
                       "--image_every=0")
     proc = _start_until_checkpoint(args, workdir, 3, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
@@ -88,7 +88,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_step_count(tmp_path, small_demo_
     result = _train_mm(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["resumed_from_step"] >= 3
+    assert summary["steps"] == 12 and summary["resumed_from_step"] >= 3
 
 
 @pytest.mark.parametrize("extra,needle", [
