@@ -151,3 +151,29 @@ def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "mm" / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["resumed_from_step"] == kept
+
+
+_STARTUP = """
+import sys
+sys.path.insert(0, "bin")
+import flagdefs  # Every binary imports it first.
+import keras
+import tensorflow as tf
+from keras.src.visualization import plot_image_gallery
+from keras.src.wrappers import fixes
+# Keras' own optional imports were skipped ...
+assert fixes.sklearn is None and plot_image_gallery.plt is None
+assert "sklearn" not in sys.modules and "matplotlib" not in sys.modules, sorted(sys.modules)
+# ... and everyone else's still work.
+from sklearn.manifold import TSNE
+import matplotlib.pyplot
+from mm_tf.viz import figures
+print("ok")
+"""
+
+
+def test_binaries_skip_keras_optional_imports_only():
+    result = subprocess.run([sys.executable, "-c", _STARTUP], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
