@@ -2,9 +2,10 @@
 
 Generates the demo data set (no download), validates it with bin/check_dataset.py,
 writes a preview of augmented training batches, then runs bin/pipeline.py with
-flags/demo.flags: naive fine-tuning from a random start vs M&M (graph) vs M&M (random
-triplets), each evaluated on the demo val split, and prints where report.md is. Every
-stage is resumable: rerunning skips what is done.
+flags/demo.flags: naive fine-tuning from a random start vs M&M, over two seeds, each
+evaluated on the demo val split, and prints where report.md is (its line per M&M arm says
+whether the gain is beyond the seed-to-seed spread). Every stage is resumable: rerunning
+skips what is done.
 
   python bin/demo.py --workdir=work/demo
 """

@@ -97,7 +97,34 @@ def combine_seeds(per_seed: dict, config) -> dict:
                   for seed in seeds}
         arm.update(naive_twin=twin, paired_delta=deltas, mean_delta=_mean(deltas.values()),
                    positive_deltas=sum(d > 0 for d in deltas.values()))
+        arm["beyond_seed_spread"] = _beyond_seed_spread(arm, arms[twin])
     return {"seeds": seeds, "arms": arms, "config": dataclasses.asdict(config)}
+
+
+def _beyond_seed_spread(arm: dict, twin: dict) -> Optional[bool]:
+    """True when every paired delta is > 0 and their mean exceeds both arms' seed sd;
+    None with one seed (no spread to compare with)."""
+    if arm["sd_miou"] is None or twin["sd_miou"] is None:
+        return None
+    return (arm["positive_deltas"] == len(arm["paired_delta"])
+            and arm["mean_delta"] > max(arm["sd_miou"], twin["sd_miou"]))
+
+
+def verdict_lines(report: dict) -> list:
+    """One line per M&M arm of a multi-seed report: its mean paired delta against the
+    seed-to-seed sd of it and its naive twin, and whether the gain is beyond that spread."""
+    lines = []
+    for name, arm in report["arms"].items():
+        if arm.get("beyond_seed_spread") is None:
+            continue
+        twin = report["arms"][arm["naive_twin"]]
+        n = len(arm["paired_delta"])
+        verdict = ("a gain beyond the seed-to-seed spread" if arm["beyond_seed_spread"]
+                   else "not beyond the seed-to-seed spread")
+        lines.append(f"`{name}` vs `{arm['naive_twin']}`: {100 * arm['mean_delta']:+.1f} "
+                     f"mean over {n} seeds, {arm['positive_deltas']}/{n} positive; seed sd "
+                     f"{100 * arm['sd_miou']:.1f} and {100 * twin['sd_miou']:.1f}: {verdict}.")
+    return lines
 
 
 def _bar_chart(report: dict, path: str) -> None:
@@ -151,7 +178,8 @@ def _seed_rows(report: dict) -> list:
         lines.append(f"| `{name}` | {100 * arm['mean_miou']:.1f}{sd} | {per_seed} | "
                      f"{deltas} | {mean_delta} | {positive} | {100 * arm['pixel_acc']:.1f} "
                      f"| {arm['seconds'] / 60:.1f} |")
-    return lines
+    verdicts = verdict_lines(report)
+    return lines + ([""] + verdicts if verdicts else [])
 
 
 def markdown(report: dict, chart_name: str = "report_miou.png") -> str:

@@ -173,9 +173,10 @@ def test_pipeline_binary_writes_reports_and_skips_finished_stages(tmp_path, smal
 
     root = pathlib.Path(__file__).resolve().parents[1]
     command = [sys.executable, "bin/pipeline.py", "--flagfile=flags/demo.flags",
-               # One M&M arm (3 stages) keeps this end-to-end run short; reports over
-               # several arms and their deltas are checked in-process above.
-               "--arms=random+mm", f"--workdir={tmp_path / 'pipe'}",
+               # One M&M arm (3 stages) and one seed (demo.flags has two) keep this
+               # end-to-end run short; reports over several arms, seeds and their
+               # deltas are checked in-process above.
+               "--arms=random+mm", "--seeds=", f"--workdir={tmp_path / 'pipe'}",
                "--overlay=flags/smoke.flags", f"--stage_arg=--data_dir={small_demo_dir}",
                # The training stages on two logical CPU devices: the pipeline's
                # distribution flags reach them (smoke batches of 2 split 1 + 1).
@@ -276,10 +277,23 @@ def test_combine_seeds_mean_sd_and_paired_deltas_by_hand(tmp_path):
     assert "| `random+mm` | 34.0 +- 1.7 | 36.0, 33.0, 33.0 | +6.0, -1.0, +7.0 | " \
            "+4.0 vs `random` | 2/3 |" in text
     assert "Per-class IoU of the means over seeds" in text
+    # One seed's delta is negative: not beyond the spread (sd 1.7 and 4.0 against +4.0).
+    assert mm["beyond_seed_spread"] is False
+    assert ("`random+mm` vs `random`: +4.0 mean over 3 seeds, 2/3 positive; seed sd 1.7 "
+            "and 4.0: not beyond the seed-to-seed spread.") in text
+    steady = report_lib.combine_seeds(
+        {"0": _seed_report(0, {"random": 0.30, "random+mm": 0.36}),
+         "1": _seed_report(1, {"random": 0.31, "random+mm": 0.38})},
+        _config(tmp_path, ["random"]))
+    assert steady["arms"]["random+mm"]["beyond_seed_spread"] is True
+    assert "+6.5 mean over 2 seeds, 2/2 positive; seed sd 1.4 and 0.7: a gain beyond" \
+        in report_lib.markdown(steady)
     report_lib.write_reports(report, str(tmp_path))
     assert (tmp_path / "report_miou.png").read_bytes()[:4] == b"\x89PNG"
     one = report_lib.combine_seeds({"5": per_seed["0"]}, _config(tmp_path, ["random"]))
     assert one["arms"]["random"]["sd_miou"] is None
+    assert one["arms"]["random+mm"]["beyond_seed_spread"] is None
+    assert "seed-to-seed spread" not in report_lib.markdown(one)
 
 
 _FAKE_STAGE = '''
