@@ -93,19 +93,22 @@ def triplet_loss(embeddings, indices, mask, margin=MARGIN, anchors=None):
     `loss` exactly, so each replica differentiates only its own share.
     """
     terms = triplet_terms(embeddings, indices, mask, margin)
-    valid = tf.cast(mask, tf.float32)
-    # max(count, 1): an all-masked batch gives 0, not 0/0.
-    count = tf.maximum(tf.reduce_sum(valid), 1.0)
-    active = tf.cast(terms["per_triplet"] > 0, tf.float32) * valid
-    result = {
-        "loss": tf.reduce_sum(terms["per_triplet"]) / count,
-        "active_fraction": tf.reduce_sum(active) / count,
-        "d_ap": tf.reduce_sum(terms["d_ap"]) / count,
-        "d_an": tf.reduce_sum(terms["d_an"]) / count,
-    }
-    if anchors is not None:
-        result["anchor_share"] = _anchor_share(terms["per_triplet"], anchors, count)
+    result, count = _masked_mean(terms["per_triplet"], mask, anchors)
+    active = tf.cast(terms["per_triplet"] > 0, tf.float32) * tf.cast(mask, tf.float32)
+    result.update(active_fraction=tf.reduce_sum(active) / count,
+                  d_ap=tf.reduce_sum(terms["d_ap"]) / count,
+                  d_an=tf.reduce_sum(terms["d_an"]) / count)
     return result
+
+
+def _masked_mean(per_row, mask, anchors=None):
+    """per_row float32 [N] (0 where mask [N] is False) -> ({"loss": sum / count[,
+    "anchor_share"]}, count), count = max(#mask, 1) so an all-masked batch gives 0."""
+    count = tf.maximum(tf.reduce_sum(tf.cast(mask, tf.float32)), 1.0)
+    result = {"loss": tf.reduce_sum(per_row) / count}
+    if anchors is not None:
+        result["anchor_share"] = _anchor_share(per_row, anchors, count)
+    return result, count
 
 
 def _anchor_share(per_anchor, anchors, count):
@@ -160,11 +163,7 @@ def supcon_loss(embeddings, labels, valid, temperature=TEMPERATURE, anchors=None
     `anchor_share`: the terms of rows [start, start + size) over the same count, so
     replicas holding a graph's anchors sum their shares to `loss` (as triplet_loss)."""
     terms = supcon_terms(embeddings, labels, valid, temperature)
-    count = tf.maximum(tf.reduce_sum(tf.cast(terms["has_positive"], tf.float32)), 1.0)
-    result = {"loss": tf.reduce_sum(terms["per_anchor"]) / count}
-    if anchors is not None:
-        result["anchor_share"] = _anchor_share(terms["per_anchor"], anchors, count)
-    return result
+    return _masked_mean(terms["per_anchor"], terms["has_positive"], anchors)[0]
 
 
 def soft_triplet_loss(embeddings, indices, mask, temperature=TEMPERATURE, anchors=None):
@@ -174,12 +173,7 @@ def soft_triplet_loss(embeddings, indices, mask, temperature=TEMPERATURE, anchor
     terms = triplet_terms(embeddings, indices, mask, margin=0.0)
     mask = tf.cast(mask, tf.bool)
     soft = tf.nn.softplus((terms["d_ap"] - terms["d_an"]) / (2.0 * temperature))
-    per_triplet = tf.where(mask, soft, tf.zeros_like(soft))
-    count = tf.maximum(tf.reduce_sum(tf.cast(mask, tf.float32)), 1.0)
-    result = {"loss": tf.reduce_sum(per_triplet) / count}
-    if anchors is not None:
-        result["anchor_share"] = _anchor_share(per_triplet, anchors, count)
-    return result
+    return _masked_mean(tf.where(mask, soft, tf.zeros_like(soft)), mask, anchors)[0]
 
 
 # --------------------------------------------------------------------------------------
