@@ -36,6 +36,13 @@ Modes: `graph` (paper), `random` (ablation "random triplets", Table 1: positive 
 negative uniform over the whole batch, no connectivity guarantee) and `graph_semihard`
 (beyond the paper: graph positives, FaceNet semi-hard negatives among the earlier
 visited other-class nodes, O(N^2) time and O(block * N) memory).
+
+Averaged over the visiting order, `graph` and `random` give each anchor the same
+distribution of (positive, negative): uniform over (other node of its class) x (node of
+another class), because the order is exchangeable and the graph's rules pick by position
+in it. So for a loss summed over anchors both have the same expected loss and gradient;
+they differ only in how the triplets of one graph are correlated (tree-connected or
+not). `graph_semihard` changes the distribution itself (tests/match_test.py).
 """
 
 import keras

@@ -312,6 +312,60 @@ def test_graph_pairs_match_the_oracle_end_to_end():
                 assert stats.chi2_contingency(table).pvalue > 1e-4, (column, i, table)
 
 
+def _pair_supports(labels, valid):
+    """Per node, the (positive, negative) codes p * N + q a random triplet may take:
+    every other valid node of its class (itself for a singleton) x every valid node of
+    another class; empty for masked rows."""
+    labels, valid = np.asarray(labels), np.asarray(valid, bool)
+    n = len(labels)
+    supports = []
+    for i in range(n):
+        same = [j for j in np.flatnonzero(valid & (labels == labels[i])) if j != i] or [i]
+        other = np.flatnonzero(valid & (labels != labels[i]))
+        supports.append([] if not valid[i] or not len(other)
+                        else [int(j) * n + int(k) for j in same for k in other])
+    return supports
+
+
+def _pair_codes(triplets, n):
+    """[S, N, 3] triplets -> [S, N] codes positive * N + negative."""
+    return triplets[:, :, 1].astype(np.int64) * n + triplets[:, :, 2]
+
+
+def test_graph_triplets_are_random_triplets_per_anchor_over_visiting_orders():
+    # Averaged over the random visiting order, each anchor's (positive, negative) pair in
+    # the graph is uniform over (other node of its class) x (node of another class),
+    # which is exactly random mode's distribution (exchangeability of the order). So the
+    # two selections give the same expected loss and gradient for any loss summed over
+    # anchors; they differ only in how one graph's triplets are correlated
+    # (docs/camvid_study.md, "Graph vs random triplets in expectation").
+    n = len(_LABELS)
+    seeds = tf.stack([tf.fill([_NUM_SEEDS], 9), tf.range(_NUM_SEEDS)], axis=1)
+    supports = _pair_supports(_LABELS, _VALID)
+    for mode in ("graph", "random"):
+        @tf.function
+        def run(seeds):
+            return tf.map_fn(
+                lambda s: match.build_triplets(_LABELS, _VALID, s, mode=mode)[0], seeds,
+                fn_output_signature=tf.int32, parallel_iterations=64)
+
+        assert _uniformity_pvalue(_pair_codes(run(seeds).numpy(), n), supports) > 1e-4, mode
+    # Not so for one visiting order (a late node's graph positive is never a later
+    # node), nor for semi-hard negatives, which depend on the embeddings, not the order.
+    fixed = _pair_codes(_choices_for_fixed_order("graph"), n)
+    assert _uniformity_pvalue(fixed, supports) < 1e-6
+    embeddings = tf.math.l2_normalize(tf.random.stateless_normal([n, 4], [3, 1]), -1)
+
+    @tf.function
+    def semihard(seeds):
+        return tf.map_fn(
+            lambda s: match.build_triplets(_LABELS, _VALID, s, mode="graph_semihard",
+                                           embeddings=embeddings)[0],
+            seeds, fn_output_signature=tf.int32, parallel_iterations=64)
+
+    assert _uniformity_pvalue(_pair_codes(semihard(seeds).numpy(), n), supports) < 1e-6
+
+
 # ----- Semi-hard negatives -----
 
 def test_semihard_negatives_follow_the_facenet_rule():
