@@ -287,18 +287,25 @@ def test_visiting_order_is_a_uniform_permutation():
     assert stats.chisquare(counts).pvalue > 1e-3
 
 
+def _triplets_over_seeds(seeds, mode="graph", embeddings=None):
+    """[S, N, 3] numpy triplets of build_triplets(_LABELS, _VALID) for seeds [S, 2], one
+    compiled map."""
+    @tf.function
+    def run(seeds):
+        return tf.map_fn(
+            lambda s: match.build_triplets(_LABELS, _VALID, s, mode=mode,
+                                           embeddings=embeddings)[0],
+            seeds, fn_output_signature=tf.int32, parallel_iterations=64)
+
+    return run(seeds).numpy()
+
+
 def test_graph_pairs_match_the_oracle_end_to_end():
     # Random order and random picks together: the frequency of each (anchor -> positive)
     # and (anchor -> negative) pair agrees with the oracle's (two-sample chi-square).
     labels, valid = _LABELS, _VALID
     seeds = tf.stack([tf.fill([_NUM_SEEDS], 5), tf.range(_NUM_SEEDS)], axis=1)
-
-    @tf.function
-    def run(seeds):
-        return tf.map_fn(lambda s: match.build_triplets(labels, valid, s)[0], seeds,
-                         fn_output_signature=tf.int32, parallel_iterations=64)
-
-    ours = run(seeds).numpy()
+    ours = _triplets_over_seeds(seeds)
     rng = random.Random(6)
     theirs = np.array([reference_graph.reference_triplets(labels, valid, rng)[0]
                        for _ in range(_NUM_SEEDS)])
@@ -343,27 +350,15 @@ def test_graph_triplets_are_random_triplets_per_anchor_over_visiting_orders():
     seeds = tf.stack([tf.fill([_NUM_SEEDS], 9), tf.range(_NUM_SEEDS)], axis=1)
     supports = _pair_supports(_LABELS, _VALID)
     for mode in ("graph", "random"):
-        @tf.function
-        def run(seeds):
-            return tf.map_fn(
-                lambda s: match.build_triplets(_LABELS, _VALID, s, mode=mode)[0], seeds,
-                fn_output_signature=tf.int32, parallel_iterations=64)
-
-        assert _uniformity_pvalue(_pair_codes(run(seeds).numpy(), n), supports) > 1e-4, mode
+        triplets = _triplets_over_seeds(seeds, mode)
+        assert _uniformity_pvalue(_pair_codes(triplets, n), supports) > 1e-4, mode
     # Not so for one visiting order (a late node's graph positive is never a later
     # node), nor for semi-hard negatives, which depend on the embeddings, not the order.
     fixed = _pair_codes(_choices_for_fixed_order("graph"), n)
     assert _uniformity_pvalue(fixed, supports) < 1e-6
     embeddings = tf.math.l2_normalize(tf.random.stateless_normal([n, 4], [3, 1]), -1)
-
-    @tf.function
-    def semihard(seeds):
-        return tf.map_fn(
-            lambda s: match.build_triplets(_LABELS, _VALID, s, mode="graph_semihard",
-                                           embeddings=embeddings)[0],
-            seeds, fn_output_signature=tf.int32, parallel_iterations=64)
-
-    assert _uniformity_pvalue(_pair_codes(semihard(seeds).numpy(), n), supports) < 1e-6
+    semihard = _triplets_over_seeds(seeds, "graph_semihard", embeddings)
+    assert _uniformity_pvalue(_pair_codes(semihard, n), supports) < 1e-6
 
 
 # ----- Semi-hard negatives -----
