@@ -53,6 +53,9 @@ flags.DEFINE_float("color_jitter", 0.0, "Photometric jitter strength of each mix
                    "(SimCLR's colour distortion; 0 = none, the paper).")
 flags.DEFINE_float("random_grey", 0.0, "Probability that a mixed patch is made grey "
                    "(RGB input; 0 = never, the paper).")
+flags.DEFINE_list("frozen_layers", [], "Backbone conv units kept at --init during M&M: "
+                  "names (conv1_1) or VGG blocks (conv1 = conv1_1, conv1_2); their BN "
+                  "normalises with its moving statistics. Empty = all tuned (the paper).")
 flagdefs.define_optimizer_flags(lr_boundaries=[6000])
 flagdefs.define_probe_flags()
 flags.mark_flag_as_required("workdir")
@@ -77,6 +80,7 @@ def main(argv):
             seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, graph_scope=FLAGS.graph_scope,
             precision=FLAGS.precision, loss=FLAGS.loss, temperature=FLAGS.temperature,
             color_jitter=FLAGS.color_jitter, random_grey=FLAGS.random_grey,
+            frozen_layers=tuple(FLAGS.frozen_layers),
             **flagdefs.optimizer_kwargs_from_flags())
         config.validate()
         probe = flagdefs.probe_config_from_flags()

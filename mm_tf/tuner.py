@@ -104,6 +104,9 @@ class TuneConfig:
       color_jitter: strength s of per-patch photometric jitter of the mixed patches
         (`mm_tf.data.augment.photometric_jitter`; 0 = none, the paper).
       random_grey: probability that a patch is turned grey (RGB input; 0 = never).
+      frozen_layers: conv units or blocks kept at `init` during M&M
+        (`mm_tf.models.backbones.freeze_units`; () = every layer up to pool5 is tuned,
+        the paper).
     """
 
     backbone: str = "vgg16"
@@ -125,6 +128,7 @@ class TuneConfig:
     temperature: float = losses.TEMPERATURE
     color_jitter: float = 0.0
     random_grey: float = 0.0
+    frozen_layers: tuple = ()
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag when a value cannot work."""
@@ -414,7 +418,13 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                          f"{input_config.input_mode!r}")
     keras_jit = config.jit_compile and distribute.keras_can_jit(strategy)
     with training.precision_policy(config.precision), strategy.scope():
-        tuner = MMTuner(build_backbone_from(config), mix_config,
+        backbone = build_backbone_from(config)
+        try:
+            # Before the tuner: it collects the trainable kernels for weight decay.
+            frozen = backbones.freeze_units(backbone, config.frozen_layers)
+        except ValueError as e:
+            raise ConfigError(f"--frozen_layers={','.join(config.frozen_layers)}: {e}") from e
+        tuner = MMTuner(backbone, mix_config,
                         triplet_mode=config.triplet_mode, margin=config.margin,
                         weight_decay=config.weight_decay, seed=config.seed,
                         graph_scope=config.graph_scope,
@@ -456,6 +466,7 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
             "num_replicas": replicas,
             "strategy": distribute.strategy_kind(strategy),
             "precision": config.precision,
+            "frozen_units": frozen,
             "patches_per_image": mix_config.patches_per_image,
             "config": {"tune": dataclasses.asdict(config),
                        "mix": dataclasses.asdict(mix_config),

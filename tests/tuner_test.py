@@ -199,6 +199,45 @@ def test_soft_triplet_objective_reads_the_selected_triplets(mode):
                                + float(logs["weight_decay"]), rtol=1e-5)
 
 
+def test_frozen_units_keep_their_start_weights_and_statistics(tmp_path):
+    # conv1 frozen, the rest tuned: conv1_1/conv1_2 (kernel, BN scale, shift, moving
+    # statistics) leave M&M as they came in, conv2_1 does not, and the summary says so.
+    data_dir = synthetic.generate_demo_dataset(str(tmp_path / "data"), num_train=4,
+                                               num_val=1)
+    pairs, info = datasets.read_dataset("demo", data_dir, "train")
+    config = tuner_lib.TuneConfig(width=0.0625, seed=2, lr_boundaries=(),
+                                  frozen_layers=("conv1",))
+    workdir = str(tmp_path / "mm")
+    summary = tuner_lib.run_tuning(
+        workdir, pairs, info, pipeline.InputConfig(crop_size=64, batch_size=2), MIX,
+        config, training.LoopConfig(steps=3, log_every=1, image_every=0, verbose=0))
+    assert summary["frozen_units"] == ["conv1_1", "conv1_2"]
+    run = backbones.build_backbone("vgg16", width=0.0625)
+    run.load_weights(os.path.join(workdir, "backbone.weights.h5"))
+    start = tuner_lib.build_backbone_from(config)
+    for name in ("conv1_1", "conv1_1_bn", "conv1_2", "conv1_2_bn"):
+        for a, b in zip(run.get_layer(name).weights, start.get_layer(name).weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert summary["movement"]["conv1_1"] == 0.0
+    moved = run.get_layer("conv2_1").kernel.numpy() - start.get_layer("conv2_1").kernel.numpy()
+    assert np.abs(moved).max() > 0 and summary["movement"]["conv2_1"] > 0
+    # Weight decay reads the tuned kernels only.
+    backbones.freeze_units(start, ["conv1_2", "conv2"])
+    decayed = [k.path.split("/")[0] for k in tuner_lib.MMTuner(start, MIX)._kernels]
+    assert decayed[:2] == ["conv1_1", "conv3_1"] and "conv2_2" not in decayed
+
+
+def test_frozen_layers_that_match_no_unit_name_the_flag(tmp_path):
+    data_dir = synthetic.generate_demo_dataset(str(tmp_path / "data"), num_train=2,
+                                               num_val=1)
+    pairs, info = datasets.read_dataset("demo", data_dir, "train")
+    config = tuner_lib.TuneConfig(width=0.0625, frozen_layers=("conv9",))
+    with pytest.raises(ConfigError, match=r"--frozen_layers=conv9: 'conv9' is no conv unit"):
+        tuner_lib.run_tuning(str(tmp_path / "mm"), pairs, info,
+                             pipeline.InputConfig(crop_size=64, batch_size=2), MIX, config,
+                             training.LoopConfig(steps=1, verbose=0))
+
+
 @pytest.mark.parametrize("field,value,flag", [("loss", "hinge", "--loss"),
                                                ("temperature", 0.0, "--temperature"),
                                                ("random_grey", 1.5, "--random_grey")])

@@ -178,3 +178,26 @@ def build_backbone(name, input_mode=common.INPUT_RGB, width=1.0, name_prefix=Non
 def pool5_model(backbone):
     """Model sharing `backbone`'s layers and weights: images [B,H,W,C] -> pool5 [B,h,w,C5]."""
     return keras.Model(backbone.input, backbone.output[POOL5], name=f"{backbone.name}_pool5")
+
+
+def freeze_units(backbone, units):
+    """Marks conv-BN units of `backbone` untrainable; returns their conv names in order.
+
+    `units` holds conv names (`conv3_1`) or VGG blocks (`conv3` = `conv3_1`..`conv3_3`).
+    A frozen unit keeps its weights and, as Keras runs a `trainable=False`
+    BatchNormalization, normalises with its moving statistics. ValueError names an
+    entry that matches no conv unit, with the names there are.
+    """
+    convs = [layer.name for layer in backbone.layers
+             if isinstance(layer, keras.layers.Conv2D)]
+    frozen = set()
+    for unit in units:
+        matched = [c for c in convs if c == unit or c.startswith(f"{unit}_")]
+        if not matched:
+            raise ValueError(f"{unit!r} is no conv unit or block of this backbone; "
+                             f"expected some of {convs}")
+        frozen.update(matched)
+    for name in frozen:
+        backbone.get_layer(name).trainable = False
+        backbone.get_layer(f"{name}_bn").trainable = False
+    return [c for c in convs if c in frozen]
