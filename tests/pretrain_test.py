@@ -173,7 +173,8 @@ def test_bad_input_is_one_clear_line(tmp_path, data_dir):
     ]
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(
-            lambda case: _run(case[0], f"--data_dir={data_dir}", *case[1],
+            # The test's data follows the flagfile, which names work/demo_data.
+            lambda case: _run(case[0], case[1][0], f"--data_dir={data_dir}", *case[1][1:],
                               f"--workdir={tmp_path / case[0]}", "--steps=2"), cases))
     for (binary, _, needle), result in zip(cases, results):
         assert result.returncode != 0, binary

@@ -101,3 +101,37 @@ def test_binary_writes_demo(tmp_path):
         capture_output=True,
     )
     assert (tmp_path / "d" / "SegmentationClass" / "val_0000.png").is_file()
+
+
+def test_concurrent_generators_write_the_data_set_once(tmp_path):
+    # Binaries defaulting to work/demo_data start together in parallel tests and pipelines:
+    # a late generator must not rename a finished data set away under its readers.
+    out, go = tmp_path / "demo", tmp_path / "go"
+    script = (
+        "import pathlib, sys, time\n"
+        "from mm_tf.data import synthetic\n"
+        "print('ready', flush=True)\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
+        f"synthetic.generate_demo_dataset({str(out)!r}, num_train=40, num_val=4, height=32,"
+        " width=40)\n"
+    )
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    go.touch()
+    inodes, missing = set(), []
+    while any(proc.poll() is None for proc in procs):
+        try:
+            inodes.add(out.stat().st_ino)
+            if (out / "generator.json").exists():  # Complete: every listed file must stay.
+                missing += [i for i in (out / "ImageSets/Segmentation/train.txt").read_text()
+                            .split() if not (out / "JPEGImages" / f"{i}.png").exists()]
+        except FileNotFoundError as error:
+            if inodes:  # The folder vanished after it had been in place.
+                missing.append(str(error))
+    assert [proc.wait() for proc in procs] == [0, 0, 0, 0]
+    inodes.add(out.stat().st_ino)
+    assert len(inodes) == 1 and not missing, (inodes, missing[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "go"]  # No lock file.

@@ -21,6 +21,8 @@ segmentation of a small network) runs in minutes on 2 CPU cores. The same parame
 byte-identical files.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -186,6 +188,17 @@ def _params(num_train, num_val, height, width, seed, image_format) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _locked(directory: pathlib.Path):
+    """Hold an exclusive flock on `directory` itself (no lock file is left behind)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # Closing the descriptor releases the lock.
+
+
 def _is_complete(path: pathlib.Path, params: dict) -> bool:
     """Tell whether `path` holds a finished demo data set generated with `params`."""
     try:
@@ -232,8 +245,9 @@ def generate_demo_dataset(
     """Generate the demo data set in `output_dir` unless already there; return its path.
 
     Files are written to a temporary sibling directory that is renamed into place when
-    complete, so an interrupted run never leaves a half-written data set behind. An
-    existing directory is replaced only if it is empty or an earlier demo data set.
+    complete, so an interrupted run never leaves a half-written data set behind; processes
+    that generate the same data set at once write it once (a lock on the parent folder).
+    An existing directory is replaced only if it is empty or an earlier demo data set.
     """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
@@ -246,23 +260,24 @@ def generate_demo_dataset(
     params = _params(num_train, num_val, height, width, seed, image_format)
     if _is_complete(out, params):
         return out
-    if out.exists() and any(out.iterdir()) and not (out / "generator.json").exists():
-        raise ValueError(f"{out} exists and is not a demo data set; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write(tmp, params)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            shutil.rmtree(old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            # Another process finished first; its data set is the same if the parameters are.
-            if not _is_complete(out, params):
-                raise
-    finally:
+    # Binaries that all default to work/demo_data may start together (parallel tests, a
+    # pipeline's stages): under the lock the first writes and the others find its data
+    # set complete, instead of renaming it away while a third is reading it.
+    with _locked(out.parent):
+        if _is_complete(out, params):
+            return out
+        if out.exists() and any(out.iterdir()) and not (out / "generator.json").exists():
+            raise ValueError(f"{out} exists and is not a demo data set; refusing to replace it")
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _write(tmp, params)
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.rename(out, old)
+                shutil.rmtree(old)
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
