@@ -108,7 +108,7 @@ def test_concurrent_generators_write_the_data_set_once(tmp_path):
     # a late generator must not rename a finished data set away under its readers.
     out, go = tmp_path / "demo", tmp_path / "go"
     script = (
-        "import pathlib, sys, time\n"
+        "import pathlib, time\n"
         "from mm_tf.data import synthetic\n"
         "print('ready', flush=True)\n"
         f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
