@@ -4,7 +4,10 @@ completes on both workers; only the chief writes into the work folder, and the o
 worker's temporary folder is gone at the end.
 
 Every process is bounded by `timeout -s KILL`: a worker whose peer died waits in its
-collectives and ignores SIGTERM (tf-facts, "Distribution").
+collectives and ignores SIGTERM (tf-facts, "Distribution"). Each worker runs in its own
+process group and is killed as a group: a SIGKILL to `timeout` alone leaves its python
+child running, and that run would go on checkpointing into the work folder beside the
+restarted one.
 """
 
 import json
@@ -15,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -43,15 +48,35 @@ def _start_workers(args, tmpdir, logs):
         log = open(logs / f"worker{index}.log", "a")  # pylint: disable=consider-using-with
         procs.append(subprocess.Popen(
             ["timeout", "-s", "KILL", "600", sys.executable, "bin/train_mm.py", *args],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
+
+
+def _kill(proc):
+    """SIGKILLs a worker's process group (`timeout` and its python child) and reaps it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture(name="started")
+def _started():
+    """The workers a test starts; any still running at its end are killed as groups."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            _kill(proc)
 
 
 def _tail(path, lines=15):
     return "".join(path.read_text().splitlines(keepends=True)[-lines:])
 
 
-def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, small_demo_dir):
+def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, small_demo_dir,
+                                                                   started):
     workdir = tmp_path / "mm"
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -65,6 +90,7 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
     first_tmp = tmp_path / "tmp1"
     first_tmp.mkdir()
     procs = _start_workers(args, first_tmp, logs)
+    started.extend(procs)
     state = workdir / "checkpoints" / "checkpoint"
     # Under a loaded CI box two TF workers can take minutes to start: wait for the
     # checkpoint itself (within the workers' own 600 s bound), never a fixed guess, so a
@@ -79,10 +105,11 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
         "a worker ended before it could be killed:\n" + _tail(logs / "worker0.log")
         + _tail(logs / "worker1.log"))
     assert seen, "no checkpoint 3 in 560 s:\n" + _tail(logs / "worker0.log")
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait()
-    procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
+    _kill(procs[1])
+    _kill(procs[0])
+    killed_state = state.read_text()
+    time.sleep(3)  # a run that outlived its kill would write its next checkpoint by now
+    assert state.read_text() == killed_state, "the killed run went on checkpointing"
     assert not (workdir / "summary.json").exists()
     # The non-chief worker checkpointed into its own temporary folder, never the workdir.
     assert list(first_tmp.iterdir()), "worker 1 wrote no temporary folder"
@@ -91,6 +118,7 @@ def test_killed_worker_restarted_resumes_from_the_chiefs_checkpoint(tmp_path, sm
     second_tmp = tmp_path / "tmp2"
     second_tmp.mkdir()
     procs = _start_workers(args, second_tmp, logs)
+    started.extend(procs)
     codes = [p.wait(timeout=620) for p in procs]
     assert codes == [0, 0], _tail(logs / "worker0.log") + _tail(logs / "worker1.log")
     for index in range(2):
