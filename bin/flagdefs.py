@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
+import math
 import os
 import pathlib
 import sys
@@ -86,13 +87,33 @@ def define_data_check_flags() -> None:
                       "ignore (void: such pixels are not trained or scored).")
 
 
+def _finite_at_least(low: float, strict: bool):
+    """A flag validator: the value is a finite number > low (strict) or >= low."""
+    return lambda v: (v is not None and math.isfinite(v)
+                      and (v > low if strict else v >= low))
+
+
+def require_positive(name: str) -> None:
+    """Registers a parse-time check that the float flag `name` is finite and > 0, so a
+    bad value stops the binary with absl's one-line flag error before TensorFlow loads."""
+    flags.register_validator(name, _finite_at_least(0.0, strict=True),
+                             message="expected a finite number > 0")
+
+
 def define_input_flags() -> None:
     """Training input pipeline flags (defaults: the paper's M&M settings)."""
     flags.DEFINE_integer("batch_size", 16, "Images per step, global: split among the "
-                         "replicas of --strategy (it must divide by their number).")
-    flags.DEFINE_integer("crop_size", 512, "Square training crop.")
+                         "replicas of --strategy (it must divide by their number).",
+                         lower_bound=1)
+    flags.DEFINE_integer("crop_size", 512, "Square training crop.", lower_bound=1)
     flags.DEFINE_float("min_scale", 0.5, "Random scale lower bound.")
     flags.DEFINE_float("max_scale", 2.0, "Random scale upper bound.")
+    require_positive("min_scale")
+    flags.register_multi_flags_validator(
+        ["min_scale", "max_scale"],
+        lambda f: f["max_scale"] is not None and math.isfinite(f["max_scale"])
+        and f["min_scale"] <= f["max_scale"],
+        message="expected --min_scale <= --max_scale (a random scale is drawn between them)")
     flags.DEFINE_enum("input_mode", "rgb", ["rgb", "grey"],
                       "rgb (mean-subtracted) or grey (colorization models' input).")
 
@@ -142,14 +163,28 @@ def define_optimizer_flags(lr_boundaries=(), boundary_unit: str = "Steps",
     flags.DEFINE_float("lr_decay", 0.1, "Learning-rate step factor.")
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_float("weight_decay", 5e-4, f"Coupled L2 weight decay on {decay_on}.")
+    require_positive("learning_rate")
+    require_positive("lr_decay")
+    flags.register_validator("lr_boundaries", _increasing_steps,
+                             message="expected increasing whole numbers >= 1")
+    flags.register_validator("momentum", lambda m: m is not None and 0 <= m < 1,
+                             message="expected a number in [0, 1)")
+    flags.register_validator("weight_decay", _finite_at_least(0.0, strict=False),
+                             message="expected a finite number >= 0")
+
+
+def _increasing_steps(values) -> bool:
+    """True when every value is a whole number >= 1 and each exceeds the one before."""
+    try:
+        steps = [int(v) for v in values]
+    except (TypeError, ValueError):
+        return False
+    return all(b >= 1 for b in steps) and all(a < b for a, b in zip(steps, steps[1:]))
 
 
 def optimizer_kwargs_from_flags() -> dict:
     """The optimizer flags as keyword arguments of the stages' config dataclasses."""
-    try:
-        boundaries = tuple(int(b) for b in FLAGS.lr_boundaries)
-    except ValueError:
-        fail(f"--lr_boundaries={','.join(FLAGS.lr_boundaries)}: expected whole numbers")
+    boundaries = tuple(int(b) for b in FLAGS.lr_boundaries)  # checked at parse time
     return dict(learning_rate=FLAGS.learning_rate, lr_boundaries=boundaries,
                 lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum,
                 weight_decay=FLAGS.weight_decay)
@@ -338,6 +373,13 @@ def training_errors_as_one_line(resume_dir: Optional[str] = None):
     # pylint: disable=import-outside-toplevel
     from mm_tf.data.errors import DataCheckError, DatasetError
     from mm_tf.errors import ConfigError
+    if resume_dir:
+        existing = os.path.abspath(resume_dir)
+        while not os.path.exists(existing):  # its nearest existing ancestor; '/' exists
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            fail(f"--workdir={resume_dir}: {existing} is a file, not a folder (expected a "
+                 "run folder to resume, or a new path)")
     try:
         yield
     except DataCheckError as e:
@@ -351,10 +393,22 @@ def training_errors_as_one_line(resume_dir: Optional[str] = None):
                              ("mm_tf.training", "TrainingDivergedError")):
             if module in sys.modules and isinstance(e, getattr(sys.modules[module], name)):
                 fail(str(e))
-        line = _data_error_line(e, resume_dir)
+        line = _data_error_line(e, resume_dir) or _workdir_error_line(e, resume_dir)
         if line is None:
             raise
         fail(line)
+
+
+def _workdir_error_line(error: Exception, workdir: Optional[str]) -> Optional[str]:
+    """The one line of an OSError on a path inside `workdir` (a folder that cannot be
+    made or written, a full disk), None for any other error."""
+    if not (workdir and isinstance(error, OSError) and error.filename):
+        return None
+    root = os.path.abspath(workdir)
+    path = os.path.abspath(os.fsdecode(error.filename))
+    if os.path.commonpath([root, path]) != root:
+        return None
+    return f"--workdir={workdir}: cannot write {path}: {error.strerror or error}"
 
 
 MAX_PROBLEMS_SHOWN = 50

@@ -30,6 +30,7 @@ FLAGS.set_default("crop_size", 225)
 FLAGS.set_default("batch_size", 256)
 flags.DEFINE_enum("backbone", "alexnet", ["alexnet", "vgg16"], "Trunk network.")
 flags.DEFINE_float("width", 1.0, "Channel multiplier of the trunk and fc7 (1.0 = paper).")
+flagdefs.require_positive("width")
 flags.DEFINE_integer("tile_size", 0, "Tile side inside a cell of crop_size // 3; 0 = 64/75 "
                      "of the cell (64 for --crop_size=225), less if the jitter needs it.")
 flags.DEFINE_integer("channel_jitter", 2, "Largest spatial shift of a colour channel, px.")
@@ -38,6 +39,8 @@ flags.DEFINE_enum("permutation_criterion", "min", ["min", "sum"],
                   "Greedy selection: max-min Hamming distance, or max summed distance.")
 flags.DEFINE_integer("fc_units", 0, "fc7 width; 0 = 4096 x width.")
 flags.DEFINE_float("dropout", 0.5, "Dropout after fc7.")
+flags.register_validator("dropout", lambda p: p is not None and 0 <= p < 1,
+                         message="expected a rate in [0, 1)")
 flagdefs.define_optimizer_flags()
 flags.mark_flag_as_required("workdir")
 

@@ -30,6 +30,7 @@ flags.DEFINE_enum("graph_scope", "global", ["global", "replica"],
                   "on one device.")
 flags.DEFINE_enum("backbone", "vgg16", ["vgg16", "alexnet"], "Backbone network.")
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network).")
+flagdefs.require_positive("width")
 flags.DEFINE_string("init", "random", "random, or a backbone weights file (.weights.h5/.npz).")
 flags.DEFINE_integer("patches_per_image", 9, "Patches per image (release 9, paper 10).")
 flags.DEFINE_integer("patch_size", 128, "Side the patches are resized to.")

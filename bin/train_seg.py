@@ -37,6 +37,7 @@ flags.DEFINE_enum("backbone", "vgg16", ["vgg16", "alexnet"], "Backbone network."
 flags.DEFINE_enum("head", "hypercolumn", ["hypercolumn", "fcn"],
                   "hypercolumn (VGG-16, the paper) or fcn (FCN-32s, the AlexNet setting).")
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network).")
+flagdefs.require_positive("width")
 flags.DEFINE_string("init", "random",
                     "random (naive fine-tuning from scratch), or backbone weights: an M&M "
                     "run's backbone.weights.h5, or proxy-task weights (.weights.h5/.npz).")

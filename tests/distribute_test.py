@@ -28,7 +28,8 @@ from mm_tf.data import pipeline
 from mm_tf.models import backbones
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# flags/smoke.flags sets M&M-only flags too; bin/train_seg.py's smoke overlay, spelled out.
+# flags/smoke.flags's values spelled out, with fine-tuning's own smoke settings (two
+# micro-batches per update, a 2-batch BN recompute, quiet Keras).
 SEG_SMOKE = ["--steps=2", "--log_every=1", "--checkpoint_every=1", "--image_every=2",
              "--lr_boundaries=1", "--batch_size=2", "--iter_size=2", "--crop_size=64",
              "--width=0.0625", "--bn_recompute_batches=2", "--verbose=0"]

@@ -16,7 +16,8 @@ from testutil import damage, demo_pairs, error_lines  # tests/ is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEG_FLAGFILES = sorted(p.name for p in (ROOT / "flags").glob("*_seg.flags"))
-# flags/smoke.flags also sets M&M-only flags (patches), so the overlay is spelled out here.
+# flags/smoke.flags's values spelled out, with fine-tuning's own smoke settings (two
+# micro-batches per update, a 2-batch BN recompute, quiet Keras).
 SMOKE = ["--steps=2", "--log_every=1", "--checkpoint_every=1", "--image_every=2",
          "--lr_boundaries=1", "--batch_size=2", "--iter_size=2", "--crop_size=64",
          "--width=0.0625", "--bn_recompute_batches=2", "--verbose=0"]
