@@ -372,7 +372,7 @@ def training_errors_as_one_line(resume_dir: Optional[str] = None):
     `resume_dir`: the run folder whose newest checkpoint a data failure names."""
     # pylint: disable=import-outside-toplevel
     from mm_tf.data.errors import DataCheckError, DatasetError
-    from mm_tf.errors import ConfigError
+    from mm_tf.errors import CheckpointError, ConfigError
     if resume_dir:
         existing = os.path.abspath(resume_dir)
         while not os.path.exists(existing):  # its nearest existing ancestor; '/' exists
@@ -384,7 +384,7 @@ def training_errors_as_one_line(resume_dir: Optional[str] = None):
         yield
     except DataCheckError as e:
         fail(str(e), e.problems)
-    except (DatasetError, ConfigError) as e:
+    except (DatasetError, ConfigError, CheckpointError) as e:
         fail(str(e))
     except Exception as e:  # pylint: disable=broad-except
         # Looked up, not imported: importing these modules loads TensorFlow, and an

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import math
 import os
+import re
 import time
 from typing import Callable, Optional, Sequence
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -36,7 +39,7 @@ from mm_tf import distribute
 from mm_tf import files
 from mm_tf import hooks as hooks_lib
 from mm_tf.data import pipeline
-from mm_tf.errors import ConfigError
+from mm_tf.errors import CheckpointError, ConfigError
 from mm_tf.models import weights as weights_lib
 
 FLOAT32 = "float32"
@@ -240,11 +243,72 @@ def restore_or_init(model: keras.Model, checkpoint_dir: str, keep: int = 3,
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        _set_aside_unreadable_state(checkpoint_dir)
         manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=keep)
-        latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
-        if latest:
-            checkpoint.restore(latest).assert_existing_objects_matched()
+        _restore_newest_readable(checkpoint, restore_dir or checkpoint_dir)
     return manager, int(model.optimizer.iterations.numpy())
+
+
+def _read_state(checkpoint_dir: str):
+    """The CheckpointManager's state of `checkpoint_dir`; None when it is missing or
+    unreadable."""
+    try:
+        return tf.train.get_checkpoint_state(checkpoint_dir)
+    except (tf.errors.OpError, ValueError):  # includes UnicodeDecodeError, a parse error
+        return None
+
+
+def _set_aside_unreadable_state(checkpoint_dir: str) -> None:
+    """Renames an unreadable `checkpoint` state file to `checkpoint.unreadable` (the
+    manager would fail on it), so the checkpoints are found on disk instead."""
+    state_file = os.path.join(checkpoint_dir, "checkpoint")
+    if os.path.exists(state_file) and _read_state(checkpoint_dir) is None:
+        os.replace(state_file, state_file + ".unreadable")
+        logging.warning("%s cannot be parsed; set aside as checkpoint.unreadable, the "
+                        "checkpoints are looked up on disk", state_file)
+
+
+def checkpoints_newest_first(checkpoint_dir: str) -> list:
+    """Checkpoint prefixes of `checkpoint_dir`, newest first: the CheckpointManager's
+    list, or, when its `checkpoint` state file is missing or unreadable, every
+    `ckpt-N.index` on disk by N."""
+    state = _read_state(checkpoint_dir)
+    if state and state.all_model_checkpoint_paths:
+        paths = [os.path.join(checkpoint_dir, os.path.basename(p))
+                 for p in state.all_model_checkpoint_paths]
+        return [p for p in reversed(paths) if os.path.exists(p + ".index")]
+    numbered = []
+    for index in glob.glob(os.path.join(checkpoint_dir, "ckpt-*.index")):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
+        if match:
+            numbered.append((int(match.group(1)), index[:-len(".index")]))
+    return [path for _, path in sorted(numbered, reverse=True)]
+
+
+def _restore_newest_readable(checkpoint: tf.train.Checkpoint, checkpoint_dir: str) -> None:
+    """Restores the newest checkpoint of `checkpoint_dir` that reads back whole, warning
+    about each newer one that does not (a file cut short or damaged on disk), so a
+    damaged newest checkpoint costs the steps since the one before it, not the run.
+    Raises CheckpointError when checkpoints exist and none restores (e.g. the folder
+    holds another model's run)."""
+    problems = []
+    for path in checkpoints_newest_first(checkpoint_dir):
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            problems.append(f"{os.path.basename(path)}: {type(e).__name__}: {reason}")
+            logging.warning("checkpoint %s cannot be restored (%s); trying the one before it",
+                            path, problems[-1])
+            continue
+        if problems:
+            logging.warning("resumed from %s; the newer checkpoints could not be read: %s",
+                            path, "; ".join(problems))
+        return
+    if problems:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint_dir} can be restored ({'; '.join(problems)}); "
+            "rerun with the flags that wrote them, or pass a new --workdir to start over")
 
 
 def fit_resumable(model: keras.Model, make_dataset: Callable[[int], tf.data.Dataset],

@@ -1,5 +1,5 @@
-"""The shared training loop: resume after a stop, NaN guard keeps the last good
-checkpoint, schedules are validated with flag names, coupled weight decay by hand."""
+"""The shared training loop: resume after a stop (from the newest checkpoint that reads
+back whole), NaN guard keeps the last good checkpoint, schedules are validated with flag names, coupled weight decay by hand."""
 
 import os
 
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from mm_tf import training
-from mm_tf.errors import ConfigError
+from mm_tf.errors import CheckpointError, ConfigError
 
 
 class LinearToy(keras.Model):
@@ -79,6 +79,58 @@ def test_trains_and_resumes_from_checkpoint(tmp_path):
     assert abs(w[0] - 1.0) < 0.5 and abs(w[1] + 2.0) < 0.5  # it kept learning, not restarted
     events = os.listdir(os.path.join(workdir, "tensorboard", "train"))
     assert events, "no TensorBoard event file was written"
+
+
+def _truncate(prefix):
+    """Cuts a checkpoint's data file to 10 bytes (a write cut short on disk)."""
+    data = tf.io.gfile.glob(prefix + ".data-*")[0]
+    with open(data, "r+b") as f:
+        f.truncate(10)
+
+
+def _kernel_at(prefix):
+    model = _model()
+    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    return model.dense.kernel.numpy()
+
+
+@pytest.mark.parametrize("state_file", ["kept", "garbage"])
+def test_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, state_file):
+    checkpoints = os.path.join(tmp_path, "checkpoints")
+    training.fit_resumable(_model(), _data(), str(tmp_path),
+                           training.LoopConfig(steps=6, log_every=2, checkpoint_every=2,
+                                               verbose=0))
+    at_4 = _kernel_at(os.path.join(checkpoints, "ckpt-4"))
+    _truncate(os.path.join(checkpoints, "ckpt-6"))
+    if state_file == "garbage":  # the manager's state file unreadable: found on disk
+        with open(os.path.join(checkpoints, "checkpoint"), "wb") as f:
+            f.write(b"\xff\xfe not a text proto {")
+    assert training.checkpoints_newest_first(checkpoints) == [
+        os.path.join(checkpoints, f"ckpt-{n}") for n in (6, 4, 2)]
+    model = _model()
+    manager, step = training.restore_or_init(model, checkpoints)
+    assert step == 4
+    np.testing.assert_array_equal(model.dense.kernel.numpy(), at_4)
+    # ... and the loop goes on from there to --steps, rewriting ckpt-6 whole.
+    summary = training.fit_resumable(_model(), _data(), str(tmp_path),
+                                     training.LoopConfig(steps=8, log_every=2,
+                                                         checkpoint_every=2, verbose=0))
+    assert summary["start_step"] == 4 and summary["steps"] == 8
+    assert np.all(np.isfinite(_kernel_at(os.path.join(checkpoints, "ckpt-6"))))
+    del manager
+
+
+def test_no_restorable_checkpoint_is_a_checkpoint_error(tmp_path):
+    checkpoints = os.path.join(tmp_path, "checkpoints")
+    training.fit_resumable(_model(), _data(), str(tmp_path),
+                           training.LoopConfig(steps=4, log_every=2, checkpoint_every=2,
+                                               verbose=0))
+    for n in (2, 4):
+        _truncate(os.path.join(checkpoints, f"ckpt-{n}"))
+    with pytest.raises(CheckpointError) as err:
+        training.restore_or_init(_model(), checkpoints)
+    assert checkpoints in str(err.value)
+    assert "ckpt-4" in str(err.value) and "ckpt-2" in str(err.value)
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
