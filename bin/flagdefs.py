@@ -126,7 +126,8 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
     flags.DEFINE_integer("log_every", log_every, "Steps per logging window.")
     flags.DEFINE_integer("checkpoint_every", checkpoint_every, "Steps between checkpoints.")
     flags.DEFINE_integer("image_every", image_every, "Steps between image summaries.")
-    flags.DEFINE_integer("seed", 0, "Base seed of data order and stateless randomness.")
+    flags.DEFINE_integer("seed", 0, "Base seed of data order and stateless randomness.",
+                         lower_bound=0, upper_bound=2**31 - 1)
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
 
@@ -374,12 +375,7 @@ def training_errors_as_one_line(resume_dir: Optional[str] = None):
     from mm_tf.data.errors import DataCheckError, DatasetError
     from mm_tf.errors import CheckpointError, ConfigError
     if resume_dir:
-        existing = os.path.abspath(resume_dir)
-        while not os.path.exists(existing):  # its nearest existing ancestor; '/' exists
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            fail(f"--workdir={resume_dir}: {existing} is a file, not a folder (expected a "
-                 "run folder to resume, or a new path)")
+        check_workdir(resume_dir)
     try:
         yield
     except DataCheckError as e:
@@ -397,6 +393,17 @@ def training_errors_as_one_line(resume_dir: Optional[str] = None):
         if line is None:
             raise
         fail(line)
+
+
+def check_workdir(workdir: str) -> None:
+    """Exits with one error line when `workdir`, or the nearest of its ancestors that
+    exists, is a file: a run folder could not be made there."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):  # its nearest existing ancestor; '/' exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"--workdir={workdir}: {existing} is a file, not a folder (expected a run "
+             "folder to resume, or a new path)")
 
 
 def _workdir_error_line(error: Exception, workdir: Optional[str]) -> Optional[str]:

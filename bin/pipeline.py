@@ -35,6 +35,9 @@ flags.DEFINE_string("imagenet_weights", None, "Backbone weights for the imagenet
 flags.DEFINE_list("seeds", [], "Run every arm once per seed (e.g. 0,1,2), each seed in "
                   "workdir/seed<s>/; the report gives mean +- sd and paired deltas. "
                   "Empty: one run with the flagfiles' --seed.")
+flags.register_validator(
+    "seeds", lambda seeds: all(s.isdigit() and int(s) < 2**31 for s in seeds),
+    message="expected whole numbers in [0, 2**31), e.g. 0,1,2")
 flags.DEFINE_multi_string("stage_arg", [], "Extra argument for every stage (repeatable), "
                           "e.g. --stage_arg=--data_dir=/data/camvid.")
 flags.DEFINE_multi_string("overlay", [], "Flagfile appended to every stage (repeatable), "
@@ -64,10 +67,8 @@ def main(argv):
     from mm_tf import experiment  # pylint: disable=import-outside-toplevel
     from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
-    try:
-        seeds = tuple(int(s) for s in FLAGS.seeds)
-    except ValueError:
-        flagdefs.fail(f"--seeds={','.join(FLAGS.seeds)}: expected integers, e.g. 0,1,2")
+    seeds = tuple(int(s) for s in FLAGS.seeds)  # checked at parse time
+    flagdefs.check_workdir(FLAGS.workdir)
     proxies = {name: path for name, path in (("colorization", FLAGS.colorization_flagfile),
                                              ("jigsaw", FLAGS.jigsaw_flagfile)) if path}
     config = experiment.PipelineConfig(

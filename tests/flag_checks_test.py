@@ -1,6 +1,7 @@
-"""Every training binary refuses bad shared flags at parse time with absl's one-line flag
-error naming the flag (before TensorFlow loads, no traceback), refuses a --workdir that
-is a file with one `error:` line, and takes the smoke overlay (flags/smoke.flags)."""
+"""Every training binary (and bin/pipeline.py) refuses bad shared flags at parse time with
+absl's one-line flag error naming the flag (before TensorFlow loads, no traceback),
+refuses a --workdir that is a file with one `error:` line, and takes the smoke overlay
+(flags/smoke.flags)."""
 
 import os
 import pathlib
@@ -30,6 +31,7 @@ BAD_FLAGS = [
     (["--lr_boundaries=1e3"], "--lr_boundaries=['1e3']"),
     (["--momentum=1"], "--momentum=1.0"),
     (["--weight_decay=-1e-4"], "--weight_decay=-0.0001"),
+    (["--seed=-1"], "--seed=-1"),
 ]
 
 
@@ -122,3 +124,20 @@ def test_os_error_in_the_workdir_is_one_line_others_propagate(tmp_path, inside):
             f"error: --workdir={workdir}: cannot write {path}: No space left on device")
     else:  # not the user's run folder: a bug to see in full, not to hide
         assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("seeds", ["a", "-1", "0,x", str(2**32)])
+def test_pipeline_seeds_are_whole_numbers(seeds, tmp_path):
+    result = _run("pipeline", "--flagfile=flags/demo.flags", f"--workdir={tmp_path / 'p'}",
+                  f"--seeds={seeds}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "flag --seeds=" in result.stderr and "expected whole numbers" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_pipeline_workdir_that_is_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "p").write_text("x")
+    for workdir in (tmp_path / "p", tmp_path / "p" / "inner"):
+        result = _run("pipeline", "--flagfile=flags/demo.flags", f"--workdir={workdir}")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: --workdir={workdir}:")
