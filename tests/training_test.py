@@ -1,5 +1,6 @@
 """The shared training loop: resume after a stop (from the newest checkpoint that reads
-back whole), NaN guard keeps the last good checkpoint, schedules are validated with flag names, coupled weight decay by hand."""
+back whole), NaN guard keeps the last good checkpoint, schedules are validated with flag
+names, coupled weight decay by hand."""
 
 import os
 
@@ -108,7 +109,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, state_f
     assert training.checkpoints_newest_first(checkpoints) == [
         os.path.join(checkpoints, f"ckpt-{n}") for n in (6, 4, 2)]
     model = _model()
-    manager, step = training.restore_or_init(model, checkpoints)
+    _, step = training.restore_or_init(model, checkpoints)
     assert step == 4
     np.testing.assert_array_equal(model.dense.kernel.numpy(), at_4)
     # ... and the loop goes on from there to --steps, rewriting ckpt-6 whole.
@@ -117,7 +118,6 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, state_f
                                                          checkpoint_every=2, verbose=0))
     assert summary["start_step"] == 4 and summary["steps"] == 8
     assert np.all(np.isfinite(_kernel_at(os.path.join(checkpoints, "ckpt-6"))))
-    del manager
 
 
 def test_no_restorable_checkpoint_is_a_checkpoint_error(tmp_path):
