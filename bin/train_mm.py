@@ -57,6 +57,11 @@ flags.DEFINE_float("random_grey", 0.0, "Probability that a mixed patch is made g
 flags.DEFINE_list("frozen_layers", [], "Backbone conv units kept at --init during M&M: "
                   "names (conv1_1) or VGG blocks (conv1 = conv1_1, conv1_2); their BN "
                   "normalises with its moving statistics. Empty = all tuned (the paper).")
+flags.DEFINE_float("blend_start", 0.0, "Fraction of --init in the written backbone: "
+                   "f * W_init + (1 - f) * W_tuned for every variable (weight-space "
+                   "ensembling, WiSE-FT; 0 = the tuned weights, the paper).")
+flags.register_validator("blend_start", lambda f: f is not None and 0 <= f < 1,
+                         message="expected a fraction in [0, 1)")
 flagdefs.define_optimizer_flags(lr_boundaries=[6000])
 flagdefs.define_probe_flags()
 flags.mark_flag_as_required("workdir")
@@ -81,7 +86,7 @@ def main(argv):
             seed=FLAGS.seed, jit_compile=FLAGS.jit_compile, graph_scope=FLAGS.graph_scope,
             precision=FLAGS.precision, loss=FLAGS.loss, temperature=FLAGS.temperature,
             color_jitter=FLAGS.color_jitter, random_grey=FLAGS.random_grey,
-            frozen_layers=tuple(FLAGS.frozen_layers),
+            frozen_layers=tuple(FLAGS.frozen_layers), blend_start=FLAGS.blend_start,
             **flagdefs.optimizer_kwargs_from_flags())
         config.validate()
         probe = flagdefs.probe_config_from_flags()

@@ -408,15 +408,21 @@ def run_backbone_stage(model: keras.Model, backbone: keras.Model,
                        config: LoopConfig, *, stage: str, fields: dict,
                        image_fn: Optional[Callable[[int], None]] = None,
                        scalar_names: Optional[dict] = None,
-                       hooks: Sequence[hooks_lib.StageHook] = ()) -> dict:
+                       hooks: Sequence[hooks_lib.StageHook] = (),
+                       finalize: Optional[Callable[[], dict]] = None) -> dict:
     """Trains a stage whose product is a backbone (proxy tasks, M&M tuning): runs
-    `fit_resumable` (with the backbone's movement and `hooks`), then the chief writes
-    `workdir/backbone.weights.h5` and `workdir/summary.json` (stage, steps,
+    `fit_resumable` (with the backbone's movement and `hooks`), then `finalize` (which
+    may change the backbone before it is written, and returns summary fields), then the
+    chief writes `workdir/backbone.weights.h5` and `workdir/summary.json` (stage, steps,
     resumed_from_step, seconds, last window's metrics, backbone_weights, movement, the
     hooks' fields, plus the stage's own `fields`); returns the summary."""
     started = time.time()
     result = fit_resumable(model, make_dataset, workdir, config, image_fn=image_fn,
                            scalar_names=scalar_names, backbone=backbone, hooks=hooks)
+    if finalize is not None and result["chief"]:
+        # After fit: the checkpoints keep the trained weights, so a rerun finalizes the
+        # same weights again instead of compounding the change.
+        fields = {**fields, **finalize()}
     weights_path = os.path.join(workdir, "backbone.weights.h5")
     summary = {
         "stage": stage,

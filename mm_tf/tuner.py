@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from mm_tf import common
 from mm_tf import distribute
+from mm_tf import hooks as hooks_lib
 from mm_tf.errors import ConfigError
 from mm_tf import losses
 from mm_tf import match as match_lib
@@ -107,6 +108,10 @@ class TuneConfig:
       frozen_layers: conv units or blocks kept at `init` during M&M
         (`mm_tf.models.backbones.freeze_units`; () = every layer up to pool5 is tuned,
         the paper).
+      blend_start: fraction lambda of the stage's start in the backbone it writes:
+        lambda * W_start + (1 - lambda) * W_tuned for every variable (weight-space
+        ensembling, WiSE-FT, Wortsman et al. 2022; beyond the paper). 0 = the tuned
+        weights (the paper); W_start is the stage's `movement_reference.npz`.
     """
 
     backbone: str = "vgg16"
@@ -129,6 +134,7 @@ class TuneConfig:
     color_jitter: float = 0.0
     random_grey: float = 0.0
     frozen_layers: tuple = ()
+    blend_start: float = 0.0
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag when a value cannot work."""
@@ -141,6 +147,9 @@ class TuneConfig:
         if not 0 <= self.random_grey <= 1:
             raise ConfigError(f"--random_grey={self.random_grey}: expected a probability "
                               "in [0, 1]")
+        if not 0 <= self.blend_start < 1:
+            raise ConfigError(f"--blend_start={self.blend_start}: expected a fraction in "
+                              "[0, 1)")
         if self.graph_scope not in GRAPH_SCOPES:
             raise ConfigError(f"--graph_scope={self.graph_scope}: expected one of "
                               f"{GRAPH_SCOPES}")
@@ -449,6 +458,17 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                                     info.palette, config.input_mode)
         tf.summary.image("mix/patches", grid)
 
+    def blend_with_start():
+        if config.blend_start == 0:
+            return {}
+        reference = os.path.join(workdir, hooks_lib.MOVEMENT_REFERENCE)
+        if not os.path.isfile(reference):
+            raise ConfigError(f"--blend_start={config.blend_start}: {reference} (the "
+                              "stage's start weights) is missing; it is written when a "
+                              "run starts at step 0")
+        weights_lib.blend_with_weights(tuner.backbone, reference, config.blend_start)
+        return {"blend_start": config.blend_start}
+
     global_batch = input_config.batch_size
     graph_images = global_batch if config.graph_scope == GLOBAL else per_replica
     return training.run_backbone_stage(
@@ -457,6 +477,7 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
         scalar_names=SCALAR_NAMES,
         hooks=probe_hooks(tuner, pairs, probe_pairs, info, input_config, mix_config, probe,
                           loop.steps),
+        finalize=blend_with_start,
         fields={
             # Nodes of one graph: the global batch's patches, or one replica's.
             "graph_nodes": graph_images * mix_config.patches_per_image,

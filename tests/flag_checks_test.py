@@ -96,6 +96,15 @@ def test_jigsaw_dropout_is_a_rate(extra, needle, tmp_path):
     assert needle in result.stderr and "Flags parsing error" in result.stderr
 
 
+@pytest.mark.parametrize("extra,needle", [(["--blend_start=1"], "--blend_start=1.0"),
+                                          (["--blend_start=-0.5"], "--blend_start=-0.5")])
+def test_mm_blend_start_is_a_fraction_below_one(extra, needle, tmp_path):
+    result = _run("train_mm", "--flagfile=flags/demo_mm.flags",
+                  f"--workdir={tmp_path / 'run'}", *extra)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert needle in result.stderr and "Flags parsing error" in result.stderr
+
+
 @pytest.mark.parametrize("binary", sorted(BINARIES))
 def test_workdir_that_is_a_file_is_one_error_line(binary, tmp_path):
     not_a_folder = tmp_path / "run"

@@ -244,3 +244,38 @@ def test_frozen_layers_that_match_no_unit_name_the_flag(tmp_path):
 def test_bad_loss_settings_name_the_flag(field, value, flag):
     with pytest.raises(ConfigError, match=flag):
         dataclasses.replace(tuner_lib.TuneConfig(), **{field: value}).validate()
+
+
+def test_blend_start_writes_the_midpoint_of_start_and_tuned_weights(tmp_path):
+    # A finished run rerun with blend_start=0.5 writes 0.5 * W_start + 0.5 * W_tuned; a
+    # second rerun writes the same (the checkpoints keep W_tuned, nothing compounds).
+    data_dir = synthetic.generate_demo_dataset(str(tmp_path / "data"), num_train=4,
+                                               num_val=1)
+    pairs, info = datasets.read_dataset("demo", data_dir, "train")
+    input_config = pipeline.InputConfig(crop_size=64, batch_size=2)
+    loop = training.LoopConfig(steps=2, log_every=1, image_every=0, verbose=0)
+    config = tuner_lib.TuneConfig(width=0.0625, seed=1, lr_boundaries=())
+    workdir = str(tmp_path / "mm")
+    written = os.path.join(workdir, "backbone.weights.h5")
+
+    def read():
+        backbone = backbones.build_backbone("vgg16", width=0.0625)
+        backbone.load_weights(written)
+        return [v.numpy() for v in backbone.weights]
+
+    assert "blend_start" not in tuner_lib.run_tuning(workdir, pairs, info, input_config,
+                                                     MIX, config, loop)
+    tuned = read()
+    start = tuner_lib.build_backbone_from(config)
+    blended = dataclasses.replace(config, blend_start=0.5)
+    summary = tuner_lib.run_tuning(workdir, pairs, info, input_config, MIX, blended, loop)
+    assert summary["blend_start"] == 0.5 and summary["resumed_from_step"] == 2
+    once = read()
+    for got, w0, w1 in zip(once, start.weights, tuned):
+        np.testing.assert_allclose(got, 0.5 * w0.numpy() + 0.5 * w1, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(once, tuned)) > 0
+    tuner_lib.run_tuning(workdir, pairs, info, input_config, MIX, blended, loop)
+    for a, b in zip(read(), once):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match=r"--blend_start=1.0"):
+        dataclasses.replace(config, blend_start=1.0).validate()

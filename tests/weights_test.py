@@ -190,3 +190,20 @@ def test_unreadable_files_are_one_line_naming_them(tmp_path, suffix):
     for variable, value in zip(model.weights, before):  # Nothing was assigned.
         np.testing.assert_array_equal(variable.numpy(), value)
     weights.check_weights_file(good)
+
+
+def test_blend_with_weights_is_the_weighted_mean_of_both_networks(tmp_path):
+    # 0.25 * file + 0.75 * model for every variable (kernels, BN scale, shift, statistics).
+    start = backbones.build_backbone("vgg16", width=0.0625)
+    path = str(tmp_path / "start.npz")
+    weights.save_npz(start, path)
+    model = backbones.build_backbone("vgg16", width=0.0625)
+    rng = np.random.default_rng(3)
+    for v in model.weights:
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    own = [v.numpy().copy() for v in model.weights]
+    weights.blend_with_weights(model, path, 0.25)
+    for v, s, o in zip(model.weights, start.weights, own):
+        np.testing.assert_allclose(v.numpy(), 0.25 * s.numpy() + 0.75 * o, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="blend fraction 1.5"):
+        weights.blend_with_weights(model, path, 1.5)

@@ -209,6 +209,18 @@ def load_backbone_weights(model, path):
     _assign(model_layers, arrays)
 
 
+def blend_with_weights(model, path, fraction: float) -> None:
+    """Set each variable v of `model` to fraction * (its array in `path`) + (1 - fraction)
+    * v: weight-space ensembling of two networks of one architecture (WiSE-FT, Wortsman
+    et al. 2022). The file is checked as by `load_backbone_weights` before any change."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"blend fraction {fraction}: expected a value in [0, 1]")
+    current = [np.asarray(v.numpy()) for v in model.weights]
+    load_backbone_weights(model, path)
+    for variable, own in zip(model.weights, current):
+        variable.assign(fraction * np.asarray(variable.numpy()) + (1.0 - fraction) * own)
+
+
 def save_npz(model, path):
     """Write `model`'s weights as an .npz of "<layer>/<variable>" -> array, atomically."""
     path = os.fspath(path)
