@@ -128,6 +128,34 @@ with flagdefs.training_errors_as_one_line(resume_dir=sys.argv[1]):
 """
 
 
+_FAIL_AFTER_TENSORFLOW = """
+import atexit, sys, time
+sys.path.insert(0, "bin")
+import flagdefs
+if sys.argv[1] == "tf":
+    import tensorflow
+    # Stands in for TensorFlow's teardown deadlock (a tf.data iterator destroyed by the
+    # interpreter's last garbage collection): a hang at interpreter exit.
+    atexit.register(time.sleep, 600)
+atexit.register(print, "teardown ran", file=sys.stderr)
+flagdefs.fail("the one line")
+"""
+
+
+@pytest.mark.parametrize("tensorflow_loaded", [True, False])
+def test_a_failing_run_skips_the_interpreter_teardown_once_tensorflow_is_loaded(
+        tensorflow_loaded):
+    result = subprocess.run(
+        [sys.executable, "-c", _FAIL_AFTER_TENSORFLOW, "tf" if tensorflow_loaded else "no"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    # Before TensorFlow loads (flag and data errors) the exit is the ordinary one.
+    expected = ["error: the one line"] + ([] if tensorflow_loaded else ["teardown ran"])
+    assert lines[-len(expected):] == expected, lines[-5:]
+    assert ("teardown ran" in result.stderr) != tensorflow_loaded
+
+
 @pytest.mark.parametrize("inside", [True, False])
 def test_os_error_in_the_workdir_is_one_line_others_propagate(tmp_path, inside):
     workdir = tmp_path / "run"
