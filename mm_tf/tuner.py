@@ -40,6 +40,7 @@ import os
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mm_tf import common
@@ -111,7 +112,8 @@ class TuneConfig:
       blend_start: fraction lambda of the stage's start in the backbone it writes:
         lambda * W_start + (1 - lambda) * W_tuned for every variable (weight-space
         ensembling, WiSE-FT, Wortsman et al. 2022; beyond the paper). 0 = the tuned
-        weights (the paper); W_start is the stage's `movement_reference.npz`.
+        weights (the paper); W_start is the stage's `movement_reference.npz`; summary.json
+        keeps `movement` of the tuned weights and adds `written_movement`.
     """
 
     backbone: str = "vgg16"
@@ -467,7 +469,12 @@ def run_tuning(workdir: str, pairs, info, input_config: pipeline.InputConfig,
                               "stage's start weights) is missing; it is written when a "
                               "run starts at step 0")
         weights_lib.blend_with_weights(tuner.backbone, reference, config.blend_start)
-        return {"blend_start": config.blend_start}
+        # `movement` stays the tuned weights'; this is what the next stage starts from.
+        kernels = {n: v.numpy() for n, v in hooks_lib.backbone_kernels(tuner.backbone).items()}
+        with np.load(reference, allow_pickle=False) as start:
+            written = hooks_lib.relative_movement(
+                kernels, {n: start[f"{n}/kernel"] for n in kernels})
+        return {"blend_start": config.blend_start, "written_movement": written}
 
     global_batch = input_config.batch_size
     graph_images = global_batch if config.graph_scope == GLOBAL else per_replica

@@ -270,6 +270,8 @@ def test_blend_start_writes_the_midpoint_of_start_and_tuned_weights(tmp_path):
     blended = dataclasses.replace(config, blend_start=0.5)
     summary = tuner_lib.run_tuning(workdir, pairs, info, input_config, MIX, blended, loop)
     assert summary["blend_start"] == 0.5 and summary["resumed_from_step"] == 2
+    for name, moved in summary["movement"].items():  # the tuned weights'; written: half
+        assert summary["written_movement"][name] == pytest.approx(moved / 2, rel=1e-4)
     once = read()
     for got, w0, w1 in zip(once, start.weights, tuned):
         np.testing.assert_allclose(got, 0.5 * w0.numpy() + 0.5 * w1, rtol=1e-5, atol=1e-6)
