@@ -79,6 +79,19 @@ def test_the_demo_flagfiles_pass_the_checks(binary):
     assert result.stdout.split()[-1] == "False"  # TensorFlow not imported
 
 
+SCREENS = sorted(p.name for p in (ROOT / "flags" / "screen").glob("*.flags"))
+
+
+@pytest.mark.parametrize("name", SCREENS)
+def test_every_screen_flagfile_parses_against_its_binary(name):
+    """The study's screens (docs/camvid_study.md) are flagfiles of M&M (camvid_mm_*) or
+    of the fine-tune (camvid_seg_*): each parses against that binary's flags."""
+    binary = "train_mm" if name.startswith("camvid_mm_") else "train_seg"
+    assert name.startswith(("camvid_mm_", "camvid_seg_")), name
+    result = _parse(binary, f"flags/screen/{name}")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("binary", sorted(BINARIES))
 def test_smoke_overlay_parses_for_every_binary(binary):
     """flags/smoke.flags sets M&M's patch flags; the other binaries ignore them."""
