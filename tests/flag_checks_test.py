@@ -100,20 +100,15 @@ def test_smoke_overlay_parses_for_every_binary(binary):
     assert result.stdout.split() == ["2", "64", "False"]
 
 
-@pytest.mark.parametrize("extra,needle", [(["--dropout=1"], "--dropout=1.0"),
-                                          (["--dropout=-0.1"], "--dropout=-0.1")])
-def test_jigsaw_dropout_is_a_rate(extra, needle, tmp_path):
-    result = _run("pretrain_jigsaw", "--flagfile=flags/demo_jigsaw.flags",
-                  f"--workdir={tmp_path / 'run'}", *extra)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert needle in result.stderr and "Flags parsing error" in result.stderr
-
-
-@pytest.mark.parametrize("extra,needle", [(["--blend_start=1"], "--blend_start=1.0"),
-                                          (["--blend_start=-0.5"], "--blend_start=-0.5")])
-def test_mm_blend_start_is_a_fraction_below_one(extra, needle, tmp_path):
-    result = _run("train_mm", "--flagfile=flags/demo_mm.flags",
-                  f"--workdir={tmp_path / 'run'}", *extra)
+@pytest.mark.parametrize("binary,flag,needle", [
+    ("pretrain_jigsaw", "--dropout=1", "--dropout=1.0"),
+    ("pretrain_jigsaw", "--dropout=-0.1", "--dropout=-0.1"),
+    ("train_mm", "--blend_start=1", "--blend_start=1.0"),
+    ("train_mm", "--blend_start=-0.5", "--blend_start=-0.5"),
+])
+def test_a_binarys_own_fraction_flags_are_checked(binary, flag, needle, tmp_path):
+    result = _run(binary, f"--flagfile={BINARIES[binary]}", f"--workdir={tmp_path / 'run'}",
+                  flag)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert needle in result.stderr and "Flags parsing error" in result.stderr
 
