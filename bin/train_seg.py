@@ -51,6 +51,19 @@ flags.DEFINE_float("backbone_lr_multiplier", 1.0, "Backbone learning rate relati
 flags.DEFINE_float("hypercolumn_data_scale", 1.0, "Factor on the raw input (mean-removed, "
                    "0-255) where the hypercolumn classifier reads it (1.0 = the release; "
                    "0.0125 brings its rms of ~80 to the other taps' unit scale).")
+flags.DEFINE_float("aux_mm_weight", 0.0, "Weight of an auxiliary M&M loss during fine-"
+                   "tuning: SupCon over the pool5 features of patches mixed from each "
+                   "micro-batch (0 = none, the paper; beyond it).")
+flags.register_validator("aux_mm_weight", lambda w: w is not None and 0 <= w < float("inf"),
+                         message="expected a finite number >= 0")
+flags.DEFINE_float("aux_mm_temperature", 0.1, "Temperature of the auxiliary SupCon loss.")
+flagdefs.require_positive("aux_mm_temperature")
+flags.DEFINE_integer("aux_mm_patches_per_image", 9, "Auxiliary patches per image.")
+flags.DEFINE_integer("aux_mm_patch_size", 128, "Side the auxiliary patches are resized to.")
+flags.DEFINE_integer("aux_mm_min_patch", 64, "Smallest auxiliary patch side (even).")
+flags.DEFINE_integer("aux_mm_max_patch", 256, "Largest auxiliary patch side (even).")
+flags.DEFINE_bool("aux_mm_class_balanced", False, "Auxiliary patch centres: a present "
+                  "class uniformly, then a pixel.")
 flags.DEFINE_integer("iter_size", 2,
                      "Micro-batches of --batch_size images per optimizer update (Caffe's "
                      "iter_size; gradients averaged). --steps counts updates.")
@@ -84,6 +97,12 @@ def main(argv):
         from mm_tf import segmenter  # pylint: disable=import-outside-toplevel
         # Before any op: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
+        from mm_tf import mix  # pylint: disable=import-outside-toplevel
+        aux_mix = mix.MixConfig(
+            patches_per_image=FLAGS.aux_mm_patches_per_image,
+            patch_size=FLAGS.aux_mm_patch_size, min_side=FLAGS.aux_mm_min_patch,
+            max_side=FLAGS.aux_mm_max_patch, background_class=info.background_class,
+            class_balanced=FLAGS.aux_mm_class_balanced)
         config = segmenter.SegConfig(
             backbone=FLAGS.backbone, head=FLAGS.head, width=FLAGS.width,
             input_mode=FLAGS.input_mode, init=FLAGS.init, iter_size=FLAGS.iter_size,
@@ -92,7 +111,8 @@ def main(argv):
             precision=FLAGS.precision, warmup_steps=FLAGS.warmup_steps,
             backbone_lr_multiplier=FLAGS.backbone_lr_multiplier,
             hypercolumn_data_scale=FLAGS.hypercolumn_data_scale,
-            **flagdefs.optimizer_kwargs_from_flags())
+            aux_mm_weight=FLAGS.aux_mm_weight, aux_mm_temperature=FLAGS.aux_mm_temperature,
+            aux_mm_mix=aux_mix, **flagdefs.optimizer_kwargs_from_flags())
         # Where bin/evaluate.py finds the evaluation data by default.
         data = {"dataset": FLAGS.dataset, "data_dir": os.path.abspath(FLAGS.data_dir),
                 "split": FLAGS.eval_split, "num_classes": FLAGS.num_classes,

@@ -50,11 +50,13 @@ from mm_tf import distribute
 from mm_tf import evaluation
 from mm_tf import files
 from mm_tf import losses
+from mm_tf import mix as mix_lib
 from mm_tf import summaries
 from mm_tf import training
 from mm_tf.data import datasets
 from mm_tf.data import pipeline
 from mm_tf.errors import ConfigError
+from mm_tf.models import backbones
 from mm_tf.models import heads
 from mm_tf.models import weights as weights_lib
 
@@ -71,12 +73,15 @@ SCALAR_NAMES = {
     "weight_decay": "losses/weight_decay",
     "pixel_acc": "train/pixel_acc",
     "miou": "train/miou",
+    "aux_mm_loss": "losses/aux_mm",
 }
 # Images in the fixed validation batch of the image summaries, and their display width.
 _PREVIEW_IMAGES = 3
 _PREVIEW_MAX_WIDTH = 512
 # Data seed offset of the BN recomputation stream (apart from the training streams).
 _BN_SEED_OFFSET = 7919
+# Folded into a micro-batch's seed for its auxiliary mix, apart from its point sampling.
+_AUX_MIX_SALT = 4099
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,6 +149,14 @@ class SegConfig:
         moving averages still lag the fast-changing weights after a few hundred
         updates, and inference-mode predictions are then far off (measured on the demo
         data after 120 updates: val pixel accuracy 0.12 before, 0.85 after 20 batches).
+      aux_mm_weight: weight of an auxiliary M&M loss added to the cross-entropy of every
+        micro-batch (0: none, the paper, whose M&M is a stage before fine-tuning): the
+        micro-batch's images are mixed into patches (`aux_mm_mix`) and the supervised
+        contrastive loss of their pool5 features (temperature `aux_mm_temperature`,
+        same-class patches positive; `mm_tf.losses.supcon_loss`) joins the objective.
+        Beyond the paper (docs/camvid_study.md): the match loss shapes the backbone
+        while the pixel loss keeps what the start segments.
+      aux_mm_mix: `mm_tf.mix.MixConfig` of the auxiliary patches (None: its defaults).
     """
 
     backbone: str = "vgg16"
@@ -165,6 +178,9 @@ class SegConfig:
     warmup_steps: int = 0
     backbone_lr_multiplier: float = 1.0
     hypercolumn_data_scale: float = 1.0
+    aux_mm_weight: float = 0.0
+    aux_mm_temperature: float = losses.TEMPERATURE
+    aux_mm_mix: Optional[mix_lib.MixConfig] = None
 
     def head_kwargs(self) -> dict:
         """The head builder's options that differ from its defaults (JSON-ready)."""
@@ -182,6 +198,11 @@ class SegConfig:
                               f"{self.backbone_lr_multiplier}")
         if self.iter_size < 1:
             raise ConfigError(f"--iter_size must be >= 1, got {self.iter_size}")
+        if self.aux_mm_weight < 0:
+            raise ConfigError(f"--aux_mm_weight must be >= 0, got {self.aux_mm_weight}")
+        if self.aux_mm_temperature <= 0:
+            raise ConfigError(f"--aux_mm_temperature must be > 0, got "
+                              f"{self.aux_mm_temperature}")
         if self.hypercolumn_data_scale < 0:
             raise ConfigError(f"--hypercolumn_data_scale must be >= 0, got "
                               f"{self.hypercolumn_data_scale}")
@@ -219,6 +240,9 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
       compile_replica_step: compile each micro-batch's forward and backward pass with
         XLA, for strategies under which Keras' `compile(jit_compile=True)` cannot work
         (`mm_tf.distribute.keras_can_jit`).
+      aux_mm_weight, aux_mm_mix, aux_mm_temperature: the auxiliary M&M loss of
+        `SegConfig` (weight 0: none); it needs a network with a `backbone`, whose pool5
+        features it reads.
 
     Example:
       >>> network = heads.build_segmentation_model("vgg16", "hypercolumn", 5, width=0.0625)
@@ -231,7 +255,9 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
                  class_weights: Optional[Sequence[float]] = None,
                  ignore_label: int = common.IGNORE_LABEL, seed: int = 0,
                  compile_replica_step: bool = False, backbone_lr_multiplier: float = 1.0,
-                 **kwargs):
+                 aux_mm_weight: float = 0.0,
+                 aux_mm_mix: Optional[mix_lib.MixConfig] = None,
+                 aux_mm_temperature: float = losses.TEMPERATURE, **kwargs):
         super().__init__(**kwargs)
         if int(iter_size) < 1:
             raise ValueError(f"iter_size must be >= 1, got {iter_size}")
@@ -253,12 +279,25 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
             raise ValueError("backbone_lr_multiplier needs a network with a `backbone`")
         self._backbone_variables = ({id(v) for v in backbone.trainable_variables}
                                     if backbone is not None else set())
+        self.aux_mm_weight = float(aux_mm_weight)
+        if isinstance(aux_mm_mix, dict):  # from get_config
+            aux_mm_mix = mix_lib.MixConfig(**aux_mm_mix)
+        self.aux_mm_mix = aux_mm_mix or mix_lib.MixConfig()
+        self.aux_mm_temperature = float(aux_mm_temperature)
+        if self.aux_mm_weight < 0:
+            raise ValueError(f"aux_mm_weight must be >= 0, got {aux_mm_weight}")
+        if self.aux_mm_weight > 0:
+            if backbone is None:
+                raise ValueError("aux_mm_weight needs a network with a `backbone`")
+            self._aux_mix = mix_lib.Mix(self.aux_mm_mix)
+            self._aux_features = backbones.pool5_model(backbone)
         self._micro_step = (tf.function(self.micro_step, jit_compile=True)
                             if self.compile_replica_step else self.micro_step)
         self.train_with_sampling = bool(getattr(network, "train_with_sampling", False))
         self._kernels = training.decayed_kernels(network)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in (
-            "loss", "cross_entropy", "weight_decay", "pixel_acc")}
+            "loss", "cross_entropy", "weight_decay", "pixel_acc") + (
+                ("aux_mm_loss",) if self.aux_mm_weight > 0 else ())}
         self._miou = keras.metrics.MeanIoU(self.num_classes, name="miou",
                                            ignore_class=self.ignore_label)
         # The network holds every weight already: without this, fit() would first trace a
@@ -296,11 +335,22 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
         return {"cross_entropy": losses.mean_cross_entropy(per_pixel, num_valid),
                 "per_pixel": per_pixel, "num_valid": num_valid}
 
+    def aux_mm_loss(self, images, labels, seed, training=True):
+        """The auxiliary M&M loss of one micro-batch: images [B,H,W,C], labels [B,H,W],
+        seed int32 [2] -> float32 scalar, the SupCon loss of the pool5 features of the
+        micro-batch's mixed patches (0 when no two valid patches share a class)."""
+        mix_seed = tf.random.experimental.stateless_fold_in(seed, _AUX_MIX_SALT)
+        patches = self._aux_mix(tf.cast(images, tf.float32), labels, mix_seed)
+        features = tf.cast(self._aux_features(patches.patches, training=training),
+                           tf.float32)
+        return losses.supcon_loss(features, patches.labels, patches.valid,
+                                  self.aux_mm_temperature)["loss"]
+
     def micro_step(self, images, labels, seed, scale):
         """One micro-batch: forward -> float32 -> loss terms -> total -> gradients of
         total * scale (times the float16 loss scale, if any). Returns (gradients per
         network.trainable_variables (None where unused), cross_entropy, decay, logits
-        float32, targets)."""
+        float32, targets, auxiliary M&M loss (0 when off))."""
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             logits, targets = self.forward(images, labels, seed, training=True)
@@ -309,9 +359,13 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
             # Decay is added per micro-batch and averaged: applied once per update.
             decay = self.weight_decay * training.kernel_l2(self._kernels)
             total = terms["cross_entropy"] + decay
+            aux = tf.constant(0.0, tf.float32)
+            if self.aux_mm_weight > 0:
+                aux = self.aux_mm_loss(images, labels, seed)
+                total = total + self.aux_mm_weight * aux
             scaled = self.optimizer.scale_loss(total * scale)
         gradients = tape.gradient(scaled, variables)
-        return gradients, terms["cross_entropy"], decay, logits, targets
+        return gradients, terms["cross_entropy"], decay, logits, targets, aux
 
     def train_step(self, data):
         """One optimizer update over iter_size micro-batches: per micro-batch forward ->
@@ -332,7 +386,7 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
         # the 1/iter_size of the gradient average.
         scale = tf.constant(1.0 / (self.iter_size * replicas), tf.float32)
         accumulated = [None] * len(variables)
-        cross_entropies, decay = [], None
+        cross_entropies, auxes, decay = [], [], None
         for k in range(self.iter_size):
             x, y = micro_images[k], micro_labels[k]
             ready = [g for g in accumulated if g is not None]
@@ -341,11 +395,12 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
                 # micro-batch of activations in memory at a time.
                 with tf.control_dependencies(ready):
                     x = tf.identity(x)
-            gradients, cross_entropy, decay, logits, targets = self._micro_step(
+            gradients, cross_entropy, decay, logits, targets, aux = self._micro_step(
                 x, y, seeds[k], scale)
             accumulated = [a if g is None else (g if a is None else a + g)
                            for a, g in zip(accumulated, gradients)]
             cross_entropies.append(cross_entropy)
+            auxes.append(aux)
             self._update_pixel_metrics(logits, targets)
         pairs = [(g, v) for g, v in zip(accumulated, variables) if g is not None]
         if self.backbone_lr_multiplier != 1.0:
@@ -355,6 +410,9 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
         cross_entropy = tf.add_n(cross_entropies) / float(self.iter_size)
         values = {"loss": cross_entropy + decay, "cross_entropy": cross_entropy,
                   "weight_decay": decay}
+        if self.aux_mm_weight > 0:
+            values["aux_mm_loss"] = tf.add_n(auxes) / float(self.iter_size)
+            values["loss"] = values["loss"] + self.aux_mm_weight * values["aux_mm_loss"]
         for name, value in values.items():
             self._trackers[name].update_state(value)
         return self.fit_logs({metric.name: metric.result() for metric in self.metrics})
@@ -374,7 +432,10 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
                       weight_decay=self.weight_decay, iter_size=self.iter_size,
                       class_weights=self.class_weights, ignore_label=self.ignore_label,
                       seed=self.seed, compile_replica_step=self.compile_replica_step,
-                      backbone_lr_multiplier=self.backbone_lr_multiplier)
+                      backbone_lr_multiplier=self.backbone_lr_multiplier,
+                      aux_mm_weight=self.aux_mm_weight,
+                      aux_mm_mix=dataclasses.asdict(self.aux_mm_mix),
+                      aux_mm_temperature=self.aux_mm_temperature)
         return config
 
     @classmethod
@@ -607,7 +668,13 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
                               iter_size=config.iter_size, class_weights=class_weights,
                               seed=config.seed,
                               compile_replica_step=config.jit_compile and not keras_jit,
-                              backbone_lr_multiplier=config.backbone_lr_multiplier)
+                              backbone_lr_multiplier=config.backbone_lr_multiplier,
+                              aux_mm_weight=config.aux_mm_weight,
+                              # The gather crop compiles with XLA; TF's is faster without.
+                              aux_mm_mix=dataclasses.replace(
+                                  config.aux_mm_mix or mix_lib.MixConfig(),
+                                  use_gather_resize=config.jit_compile),
+                              aux_mm_temperature=config.aux_mm_temperature)
         optimizer = training.make_sgd(config.learning_rate, config.lr_boundaries,
                                       config.lr_decay, config.momentum,
                                       warmup_steps=config.warmup_steps)

@@ -105,6 +105,8 @@ def test_smoke_overlay_parses_for_every_binary(binary):
     ("pretrain_jigsaw", "--dropout=-0.1", "--dropout=-0.1"),
     ("train_mm", "--blend_start=1", "--blend_start=1.0"),
     ("train_mm", "--blend_start=-0.5", "--blend_start=-0.5"),
+    ("train_seg", "--aux_mm_weight=-1", "--aux_mm_weight=-1.0"),
+    ("train_seg", "--aux_mm_temperature=0", "--aux_mm_temperature=0.0"),
 ])
 def test_a_binarys_own_fraction_flags_are_checked(binary, flag, needle, tmp_path):
     result = _run(binary, f"--flagfile={BINARIES[binary]}", f"--workdir={tmp_path / 'run'}",

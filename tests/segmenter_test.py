@@ -325,3 +325,78 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update():
                                    atol=1e-7)
     with pytest.raises(ValueError, match="backbone"):
         seg.Segmenter(LinearSeg(4, 3, seed=7), backbone_lr_multiplier=0.5)
+
+
+# ----------------------------------------------------------------------------------------
+# The auxiliary M&M loss.
+# ----------------------------------------------------------------------------------------
+
+
+
+def _aux_mix():
+    from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
+    return mix_lib.MixConfig(patches_per_image=3, patch_size=16, min_side=8, max_side=16,
+                             background_class=None)
+
+
+def _aux_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((2, 32, 32), np.int32)
+    labels[:, :, 16:] = 1
+    labels[1, :8] = 2
+    images = rng.normal(0, 50, size=(2, 32, 32, 3)).astype(np.float32)
+    return {common.IMAGE: tf.constant(images), common.LABEL: tf.constant(labels)}
+
+
+def test_aux_mm_loss_is_supcon_of_the_mixed_patches_pool5_features_and_joins_the_loss():
+    from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
+    from mm_tf.models import heads  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(0)
+    network = heads.build_segmentation_model("vgg16", "hypercolumn", 3, width=0.0625)
+    model = seg.Segmenter(network, iter_size=1, seed=2, aux_mm_weight=0.5,
+                          aux_mm_mix=_aux_mix(), aux_mm_temperature=0.2)
+    model.compile(optimizer=training.make_sgd(0.0, (), 0.1, 0.9))  # lr 0: weights stay
+    batch = _aux_batch()
+    seed = model.step_seeds(0)[0]
+    # By hand: the same mix seed, BN in training mode, pool5 of the shared backbone.
+    mix_seed = tf.random.experimental.stateless_fold_in(seed, seg._AUX_MIX_SALT)
+    patches = mix_lib.sample_patches(batch[common.IMAGE], batch[common.LABEL], mix_seed,
+                                     _aux_mix())
+    pool5 = backbones.pool5_model(network.backbone)(patches.patches, training=True)
+    expected = losses.supcon_loss(pool5, patches.labels, patches.valid, 0.2)["loss"]
+    assert float(expected) > 0
+    aux = model.aux_mm_loss(batch[common.IMAGE], batch[common.LABEL], seed)
+    np.testing.assert_allclose(float(aux), float(expected), rtol=1e-5)
+    logs = model.train_step(batch)
+    np.testing.assert_allclose(float(logs["aux_mm_loss"]), float(expected), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(logs["loss"]),
+        float(logs["cross_entropy"]) + float(logs["weight_decay"]) + 0.5 * float(expected),
+        rtol=1e-5)
+
+
+def test_aux_mm_loss_moves_the_backbone_and_round_trips_through_the_config():
+    from mm_tf.models import heads  # pylint: disable=import-outside-toplevel
+    batch = _aux_batch(1)
+    moved = {}
+    for weight in (0.0, 1.0):
+        keras.utils.set_random_seed(0)
+        network = heads.build_segmentation_model("vgg16", "hypercolumn", 3, width=0.0625)
+        start = network.backbone.get_layer("conv1_1").kernel.numpy().copy()
+        model = seg.Segmenter(network, iter_size=1, seed=2, aux_mm_weight=weight,
+                              aux_mm_mix=_aux_mix())
+        model.compile(optimizer=training.make_sgd(0.01, (), 0.1, 0.9))
+        logs = model.train_step(batch)
+        assert ("aux_mm_loss" in logs) == (weight > 0)
+        moved[weight] = network.backbone.get_layer("conv1_1").kernel.numpy() - start
+    # The auxiliary gradient reaches the first conv: the two updates differ.
+    assert np.abs(moved[1.0] - moved[0.0]).max() > 1e-7
+    clone = seg.Segmenter.from_config(model.get_config())
+    assert (clone.aux_mm_weight, clone.aux_mm_temperature) == (1.0, 0.1)
+    assert clone.aux_mm_mix == _aux_mix()
+    with pytest.raises(ValueError, match="backbone"):
+        seg.Segmenter(LinearSeg(4, 3, seed=7), aux_mm_weight=1.0)
+    with pytest.raises(ConfigError, match="--aux_mm_weight"):
+        seg.SegConfig(aux_mm_weight=-1.0).validate()
+    with pytest.raises(ConfigError, match="--aux_mm_temperature"):
+        seg.SegConfig(aux_mm_temperature=0.0).validate()

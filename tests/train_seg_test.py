@@ -90,17 +90,25 @@ def test_binary_defaults_are_the_paper_values():
 
 
 def test_demo_flagfile_trains_and_writes_the_model(tmp_path):
-    """Also the --unknown_labels=ignore case (one run for both, TF start-up is ~10 s): a
-    label with values outside the classes trains, those pixels void."""
+    """Also the --unknown_labels=ignore case and the auxiliary M&M loss (one run for all,
+    TF start-up is ~10 s): a label with values outside the classes trains, those pixels
+    void; the auxiliary loss is logged and its mix recorded with the demo's background."""
     workdir = tmp_path / "seg"
     synthetic.generate_demo_dataset(tmp_path / "data")  # What the binary would generate.
     damage(demo_pairs(tmp_path / "data", "train")[0][1], "values")
     result = _train_seg(*_demo_args(tmp_path, f"--workdir={workdir}",
-                                    "--unknown_labels=ignore"))
+                                    "--unknown_labels=ignore", "--aux_mm_weight=0.5",
+                                    "--aux_mm_patch_size=32", "--aux_mm_min_patch=16",
+                                    "--aux_mm_max_patch=32", "--aux_mm_class_balanced"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mIoU" in result.stdout and "data check (quick): 250 pairs good" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["images_per_update"] == 4
+    assert summary["metrics"]["aux_mm_loss"] > 0
+    aux_mix = summary["config"]["seg"]["aux_mm_mix"]
+    assert summary["config"]["seg"]["aux_mm_weight"] == 0.5
+    assert (aux_mix["patch_size"], aux_mix["class_balanced"], aux_mix["background_class"]) \
+        == (32, True, 0)
     assert summary["eval"]["num_images"] > 0 and 0.0 <= summary["eval"]["miou"] <= 1.0
     model_config = json.loads((workdir / "model_config.json").read_text())
     assert model_config["dataset"] == "demo" and model_config["head"] == "hypercolumn"
