@@ -100,6 +100,13 @@ def require_positive(name: str) -> None:
                              message="expected a finite number > 0")
 
 
+def require_nonnegative(name: str) -> None:
+    """Registers a parse-time check that the float flag `name` is finite and >= 0 (absl's
+    one-line flag error before TensorFlow loads)."""
+    flags.register_validator(name, _finite_at_least(0.0, strict=False),
+                             message="expected a finite number >= 0")
+
+
 def define_input_flags() -> None:
     """Training input pipeline flags (defaults: the paper's M&M settings)."""
     flags.DEFINE_integer("batch_size", 16, "Images per step, global: split among the "

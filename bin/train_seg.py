@@ -54,8 +54,7 @@ flags.DEFINE_float("hypercolumn_data_scale", 1.0, "Factor on the raw input (mean
 flags.DEFINE_float("aux_mm_weight", 0.0, "Weight of an auxiliary M&M loss during fine-"
                    "tuning: SupCon over the pool5 features of patches mixed from each "
                    "micro-batch (0 = none, the paper; beyond it).")
-flags.register_validator("aux_mm_weight", lambda w: w is not None and 0 <= w < float("inf"),
-                         message="expected a finite number >= 0")
+flagdefs.require_nonnegative("aux_mm_weight")
 flags.DEFINE_float("aux_mm_temperature", 0.1, "Temperature of the auxiliary SupCon loss.")
 flagdefs.require_positive("aux_mm_temperature")
 flags.DEFINE_integer("aux_mm_patches_per_image", 9, "Auxiliary patches per image.")
