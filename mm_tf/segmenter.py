@@ -156,7 +156,7 @@ class SegConfig:
         same-class patches positive; `mm_tf.losses.supcon_loss`) joins the objective.
         Beyond the paper (docs/camvid_study.md): the match loss shapes the backbone
         while the pixel loss keeps what the start segments.
-      aux_mm_mix: `mm_tf.mix.MixConfig` of the auxiliary patches (None: its defaults).
+      aux_mm_mix: `mm_tf.mix.MixConfig` of the auxiliary patches.
     """
 
     backbone: str = "vgg16"
@@ -180,7 +180,7 @@ class SegConfig:
     hypercolumn_data_scale: float = 1.0
     aux_mm_weight: float = 0.0
     aux_mm_temperature: float = losses.TEMPERATURE
-    aux_mm_mix: Optional[mix_lib.MixConfig] = None
+    aux_mm_mix: mix_lib.MixConfig = mix_lib.MixConfig()
 
     def head_kwargs(self) -> dict:
         """The head builder's options that differ from its defaults (JSON-ready)."""
@@ -256,7 +256,7 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
                  ignore_label: int = common.IGNORE_LABEL, seed: int = 0,
                  compile_replica_step: bool = False, backbone_lr_multiplier: float = 1.0,
                  aux_mm_weight: float = 0.0,
-                 aux_mm_mix: Optional[mix_lib.MixConfig] = None,
+                 aux_mm_mix: mix_lib.MixConfig = mix_lib.MixConfig(),
                  aux_mm_temperature: float = losses.TEMPERATURE, **kwargs):
         super().__init__(**kwargs)
         if int(iter_size) < 1:
@@ -282,7 +282,7 @@ class Segmenter(distribute.StrategyFitMixin, keras.Model):
         self.aux_mm_weight = float(aux_mm_weight)
         if isinstance(aux_mm_mix, dict):  # from get_config
             aux_mm_mix = mix_lib.MixConfig(**aux_mm_mix)
-        self.aux_mm_mix = aux_mm_mix or mix_lib.MixConfig()
+        self.aux_mm_mix = aux_mm_mix
         self.aux_mm_temperature = float(aux_mm_temperature)
         if self.aux_mm_weight < 0:
             raise ValueError(f"aux_mm_weight must be >= 0, got {aux_mm_weight}")
@@ -672,8 +672,7 @@ def run_segmentation(workdir: str, train_pairs, val_pairs, info,
                               aux_mm_weight=config.aux_mm_weight,
                               # The gather crop compiles with XLA; TF's is faster without.
                               aux_mm_mix=dataclasses.replace(
-                                  config.aux_mm_mix or mix_lib.MixConfig(),
-                                  use_gather_resize=config.jit_compile),
+                                  config.aux_mm_mix, use_gather_resize=config.jit_compile),
                               aux_mm_temperature=config.aux_mm_temperature)
         optimizer = training.make_sgd(config.learning_rate, config.lr_boundaries,
                                       config.lr_decay, config.momentum,

@@ -14,6 +14,7 @@ import tensorflow as tf
 from mm_tf import common
 from mm_tf import evaluation
 from mm_tf import losses
+from mm_tf import mix as mix_lib
 from mm_tf import segmenter as seg
 from mm_tf import training
 from mm_tf.data import datasets
@@ -331,10 +332,7 @@ def test_backbone_lr_multiplier_scales_only_the_backbone_update():
 # The auxiliary M&M loss.
 # ----------------------------------------------------------------------------------------
 
-
-
 def _aux_mix():
-    from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
     return mix_lib.MixConfig(patches_per_image=3, patch_size=16, min_side=8, max_side=16,
                              background_class=None)
 
@@ -349,7 +347,6 @@ def _aux_batch(seed=0):
 
 
 def test_aux_mm_loss_is_supcon_of_the_mixed_patches_pool5_features_and_joins_the_loss():
-    from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
     from mm_tf.models import heads  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(0)
     network = heads.build_segmentation_model("vgg16", "hypercolumn", 3, width=0.0625)
