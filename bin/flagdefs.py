@@ -139,6 +139,57 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
 
 
+def define_mix_flags(prefix: str = "", what: str = "Patches") -> None:
+    """The mix step's flags (mm_tf.mix.MixConfig; defaults: the release's), named
+    `{prefix}patches_per_image` etc., checked at parse time so that a bad value stops the
+    binary with absl's one-line flag error naming the flag, before TensorFlow loads."""
+    name = {field: prefix + flag for field, flag in MIX_FLAGS.items()}
+    flags.DEFINE_integer(name["patches_per_image"], 9,
+                         f"{what} per image (release 9, paper 10).", lower_bound=1)
+    flags.DEFINE_integer(name["patch_size"], 128, f"Side the {what.lower()} are resized to.",
+                         lower_bound=1)
+    flags.DEFINE_integer(name["min_side"], 64, "Smallest sampled patch side (even).")
+    flags.DEFINE_integer(name["max_side"], 256, "Largest sampled patch side (even).")
+    flags.DEFINE_float(name["background_fraction"], 0.1,
+                       "Share of patches centred on background.")
+    flags.DEFINE_integer(name["background_class"], None, "Background class id; default: "
+                         "the data set's (VOC 0, else none).", lower_bound=0, upper_bound=254)
+    flags.DEFINE_bool(name["class_balanced"], False,
+                      "Pick a present class uniformly, then a pixel.")
+    flags.DEFINE_integer(name["oversample"], 5, "Candidate over-sampling before "
+                         "de-duplication.", lower_bound=1)
+    flags.DEFINE_float(name["max_overlap"], 0.6,
+                       "Skip a candidate covered more than this by kept ones.")
+    flags.register_validator(name["min_side"], lambda v: v is not None and v >= 2 and v % 2 == 0,
+                             message="expected an even integer >= 2")
+    flags.register_multi_flags_validator(
+        [name["min_side"], name["max_side"]],
+        lambda f: (f[name["max_side"]] is not None and f[name["max_side"]] % 2 == 0
+                   and f[name["max_side"]] >= (f[name["min_side"]] or 0)),
+        message=f"expected an even --{name['max_side']} >= --{name['min_side']}")
+    for field in ("background_fraction", "max_overlap"):
+        flags.register_validator(name[field], lambda v: v is not None and 0.0 <= v <= 1.0,
+                                 message="expected a fraction in [0, 1]")
+
+
+# MixConfig's fields and the flags of define_mix_flags that set them (before the prefix).
+MIX_FLAGS = {"patches_per_image": "patches_per_image", "patch_size": "patch_size",
+             "min_side": "min_patch", "max_side": "max_patch",
+             "background_fraction": "background_fraction",
+             "background_class": "background_class", "class_balanced": "class_balanced",
+             "oversample": "oversample", "max_overlap": "max_overlap"}
+
+
+def mix_config_from_flags(default_background: Optional[int], prefix: str = ""):
+    """MixConfig from define_mix_flags(prefix)'s flags; the background class defaults to
+    `default_background` (the data set's)."""
+    from mm_tf import mix  # pylint: disable=import-outside-toplevel
+    kwargs = {field: FLAGS[prefix + flag].value for field, flag in MIX_FLAGS.items()}
+    if kwargs["background_class"] is None:
+        kwargs["background_class"] = default_background
+    return mix.MixConfig(**kwargs)
+
+
 def define_probe_flags() -> None:
     """The online probe of M&M tuning (mm_tf/probe.py); off unless --probe_every > 0."""
     flags.DEFINE_integer("probe_every", 0, "Steps between probes of the features (k-NN "

@@ -32,16 +32,7 @@ flags.DEFINE_enum("backbone", "vgg16", ["vgg16", "alexnet"], "Backbone network."
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1.0 = the paper's network).")
 flagdefs.require_positive("width")
 flags.DEFINE_string("init", "random", "random, or a backbone weights file (.weights.h5/.npz).")
-flags.DEFINE_integer("patches_per_image", 9, "Patches per image (release 9, paper 10).")
-flags.DEFINE_integer("patch_size", 128, "Side the patches are resized to.")
-flags.DEFINE_integer("min_patch", 64, "Smallest sampled patch side (even).")
-flags.DEFINE_integer("max_patch", 256, "Largest sampled patch side (even).")
-flags.DEFINE_float("background_fraction", 0.1, "Share of patches centred on background.")
-flags.DEFINE_integer("background_class", None,
-                     "Background class id; default: the data set's (VOC 0, else none).")
-flags.DEFINE_bool("class_balanced", False, "Pick a present class uniformly, then a pixel.")
-flags.DEFINE_integer("oversample", 5, "Candidate over-sampling before de-duplication.")
-flags.DEFINE_float("max_overlap", 0.6, "Skip a candidate covered more than this by kept ones.")
+flagdefs.define_mix_flags()
 flags.DEFINE_enum("triplet_mode", "graph", ["graph", "random", "graph_semihard"],
                   "Triplet selection: the paper's graph, random triplets, or semi-hard.")
 flags.DEFINE_float("margin", 2.1, "Triplet margin alpha.")
@@ -74,7 +65,6 @@ def main(argv):
         pairs, info = flagdefs.dataset_from_flags()
         info = flagdefs.check_data_from_flags(pairs, info)
         # Imported here so --help is instant and flag errors come before TensorFlow loads.
-        from mm_tf import mix as mix_lib  # pylint: disable=import-outside-toplevel
         from mm_tf import tuner  # pylint: disable=import-outside-toplevel
         # Before any op: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
@@ -95,15 +85,7 @@ def main(argv):
         if probe.enabled:
             probe_pairs = flagdefs.dataset_from_flags(FLAGS.probe_split)[0]
             flagdefs.check_data_from_flags(probe_pairs, info)
-        background = FLAGS.background_class
-        if background is None:
-            background = info.background_class
-        mix_config = mix_lib.MixConfig(
-            patches_per_image=FLAGS.patches_per_image, patch_size=FLAGS.patch_size,
-            min_side=FLAGS.min_patch, max_side=FLAGS.max_patch,
-            background_fraction=FLAGS.background_fraction, background_class=background,
-            oversample=FLAGS.oversample, max_overlap=FLAGS.max_overlap,
-            class_balanced=FLAGS.class_balanced)
+        mix_config = flagdefs.mix_config_from_flags(info.background_class)
         summary = tuner.run_tuning(FLAGS.workdir, pairs, info,
                                    flagdefs.input_config_from_flags(), mix_config, config,
                                    loop, strategy=strategy, probe=probe,

@@ -57,12 +57,7 @@ flags.DEFINE_float("aux_mm_weight", 0.0, "Weight of an auxiliary M&M loss during
 flagdefs.require_nonnegative("aux_mm_weight")
 flags.DEFINE_float("aux_mm_temperature", 0.1, "Temperature of the auxiliary SupCon loss.")
 flagdefs.require_positive("aux_mm_temperature")
-flags.DEFINE_integer("aux_mm_patches_per_image", 9, "Auxiliary patches per image.")
-flags.DEFINE_integer("aux_mm_patch_size", 128, "Side the auxiliary patches are resized to.")
-flags.DEFINE_integer("aux_mm_min_patch", 64, "Smallest auxiliary patch side (even).")
-flags.DEFINE_integer("aux_mm_max_patch", 256, "Largest auxiliary patch side (even).")
-flags.DEFINE_bool("aux_mm_class_balanced", False, "Auxiliary patch centres: a present "
-                  "class uniformly, then a pixel.")
+flagdefs.define_mix_flags(prefix="aux_mm_", what="Auxiliary patches")
 flags.DEFINE_integer("iter_size", 2,
                      "Micro-batches of --batch_size images per optimizer update (Caffe's "
                      "iter_size; gradients averaged). --steps counts updates.")
@@ -96,12 +91,7 @@ def main(argv):
         from mm_tf import segmenter  # pylint: disable=import-outside-toplevel
         # Before any op: logical devices and the multi-worker runtime need an untouched TF.
         strategy = flagdefs.strategy_from_flags()
-        from mm_tf import mix  # pylint: disable=import-outside-toplevel
-        aux_mix = mix.MixConfig(
-            patches_per_image=FLAGS.aux_mm_patches_per_image,
-            patch_size=FLAGS.aux_mm_patch_size, min_side=FLAGS.aux_mm_min_patch,
-            max_side=FLAGS.aux_mm_max_patch, background_class=info.background_class,
-            class_balanced=FLAGS.aux_mm_class_balanced)
+        aux_mix = flagdefs.mix_config_from_flags(info.background_class, prefix="aux_mm_")
         config = segmenter.SegConfig(
             backbone=FLAGS.backbone, head=FLAGS.head, width=FLAGS.width,
             input_mode=FLAGS.input_mode, init=FLAGS.init, iter_size=FLAGS.iter_size,

@@ -3,6 +3,7 @@ absl's one-line flag error naming the flag (before TensorFlow loads, no tracebac
 refuses a --workdir that is a file with one `error:` line, and takes the smoke overlay
 (flags/smoke.flags)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -113,6 +114,55 @@ def test_a_binarys_own_fraction_flags_are_checked(binary, flag, needle, tmp_path
                   flag)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert needle in result.stderr and "Flags parsing error" in result.stderr
+
+
+# Parses a binary's flags (argv[1]) once per bad flag (argv[2:]) on top of its demo
+# flagfile; prints absl's message for each (one process: these need no TensorFlow).
+_PARSE_ERRORS = """
+import json, sys
+sys.path.insert(0, "bin")
+import importlib
+from absl import flags
+binary = importlib.import_module(sys.argv[1])
+messages = []
+for bad in sys.argv[3:]:
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["x", "--flagfile=" + sys.argv[2], "--workdir=/tmp/x", *bad.split()])
+        messages.append(None)
+    except flags.Error as e:
+        messages.append(str(e))
+print(json.dumps(messages), "tensorflow" in sys.modules)
+"""
+
+
+# The mix step's flags, train_mm's own and train_seg's auxiliary copies: bad value, the
+# flag the message must name.
+BAD_MIX_FLAGS = [
+    ("--{p}min_patch=33", "--{p}min_patch=33: expected an even integer >= 2"),
+    ("--{p}min_patch=64 --{p}max_patch=32", "expected an even --{p}max_patch >= --{p}min_patch"),
+    ("--{p}max_patch=129", "expected an even --{p}max_patch >= --{p}min_patch"),
+    ("--{p}patches_per_image=0", "--{p}patches_per_image=0"),
+    ("--{p}patch_size=0", "--{p}patch_size=0"),
+    ("--{p}background_fraction=-0.1", "--{p}background_fraction=-0.1: expected a fraction"),
+    ("--{p}max_overlap=2", "--{p}max_overlap=2.0: expected a fraction in [0, 1]"),
+    ("--{p}oversample=0", "--{p}oversample=0"),
+    ("--{p}background_class=255", "--{p}background_class=255"),
+]
+
+
+@pytest.mark.parametrize("binary,prefix", [("train_mm", ""), ("train_seg", "aux_mm_")])
+def test_mix_flags_are_checked_at_parse_time_naming_the_flag(binary, prefix):
+    bad = [flag.format(p=prefix) for flag, _ in BAD_MIX_FLAGS]
+    result = subprocess.run([sys.executable, "-c", _PARSE_ERRORS, binary, BINARIES[binary],
+                             *bad, ""], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    messages, tf_loaded = result.stdout.split("\n")[-2].rsplit(" ", 1)
+    messages = json.loads(messages)
+    for (flag, needle), message in zip(BAD_MIX_FLAGS, messages):
+        assert message is not None and needle.format(p=prefix) in message, (flag, message)
+    assert messages[-1] is None  # the control: the demo flags alone parse
+    assert tf_loaded == "False"
 
 
 @pytest.mark.parametrize("binary", sorted(BINARIES))
