@@ -1,6 +1,7 @@
 """Scale-out on CPU: the global graph over two logical devices is the one-device step,
-replica graphs are not; the binaries train under MirroredStrategy with XLA; strategy
-errors are one clear line; mixed precision trains with float32 losses, and float16 loss
+replica graphs are not, and per-replica XLA steps are the compiled one-device step
+(the binaries under MirroredStrategy: tests/experiment_test.py); strategy errors are one
+clear line; mixed precision trains with float32 losses, and float16 loss
 scaling keeps the step count.
 
 Logical devices must be configured before TensorFlow initialises, so the two-device
@@ -28,11 +29,6 @@ from mm_tf.data import pipeline
 from mm_tf.models import backbones
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# flags/smoke.flags's values spelled out, with fine-tuning's own smoke settings (two
-# micro-batches per update, a 2-batch BN recompute, quiet Keras).
-SEG_SMOKE = ["--steps=2", "--log_every=1", "--checkpoint_every=1", "--image_every=2",
-             "--lr_boundaries=1", "--batch_size=2", "--iter_size=2", "--crop_size=64",
-             "--width=0.0625", "--bn_recompute_batches=2", "--verbose=0"]
 # tests/distribute_check.py: 16 images, 3 patches each.
 NODES_GLOBAL, NODES_PER_REPLICA = 16 * 3, 8 * 3
 MIX = mix_lib.MixConfig(patches_per_image=4, patch_size=32, min_side=16, max_side=32,
@@ -51,37 +47,13 @@ def _run(args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def runs(small_demo_dir, tmp_path_factory):
-    """The two-device checks and a train_mm and a train_seg run on two logical CPUs,
-    started together (each is mostly single-threaded start-up and tracing)."""
-    root = tmp_path_factory.mktemp("distribute")
-    commands = {
-        "check": ["tests/distribute_check.py"],
-        "train_mm": ["bin/train_mm.py", "--flagfile=flags/demo_mm.flags",
-                     "--flagfile=flags/smoke.flags", f"--data_dir={small_demo_dir}",
-                     f"--workdir={root / 'mm'}", "--verbose=0", "--strategy=mirrored",
-                     "--num_cpu_devices=2", "--batch_size=4"],
-        "train_seg": ["bin/train_seg.py", "--flagfile=flags/demo_seg.flags", *SEG_SMOKE,
-                      f"--data_dir={small_demo_dir}", f"--workdir={root / 'seg'}",
-                      "--strategy=mirrored", "--num_cpu_devices=2", "--iter_size=1",
-                      "--bn_recompute_batches=0", "--image_every=0"],
-    }
-    procs = {name: subprocess.Popen(  # pylint: disable=consider-using-with
-        ["timeout", "-s", "KILL", "600", sys.executable, *args], cwd=ROOT, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, args in commands.items()}
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=620)
-        results[name] = (proc.returncode, stdout, stderr)
-    return root, results
-
-
-@pytest.fixture(scope="module")
-def two_devices(runs):
-    code, stdout, stderr = runs[1]["check"]
-    assert code == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
+def two_devices():
+    """The two-device checks of tests/distribute_check.py, run once in their own process.
+    (The binaries on two logical CPUs: tests/experiment_test.py runs the pipeline's M&M
+    and fine-tuning stages under --strategy=mirrored --num_cpu_devices=2.)"""
+    result = _run(["tests/distribute_check.py"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _assert_same_step(logs, reference):
@@ -137,28 +109,6 @@ def test_batch_and_device_errors_name_the_flag(two_devices):
     assert "--batch_size=3" in two_devices["indivisible_batch_error"]
     assert "2 replicas" in two_devices["indivisible_batch_error"]
     assert "--num_cpu_devices=3" in two_devices["late_devices_error"]
-
-
-def test_train_mm_on_two_logical_cpus(runs):
-    root, results = runs
-    code, _, stderr = results["train_mm"]
-    assert code == 0, stderr[-3000:]
-    summary = json.loads((root / "mm" / "summary.json").read_text())
-    assert summary["strategy"] == "mirrored" and summary["num_replicas"] == 2
-    assert summary["per_replica_batch_size"] == 2 and summary["graph_scope"] == "global"
-    assert summary["graph_nodes"] == 4 * summary["patches_per_image"]
-    assert summary["metrics"]["valid_patches"] == summary["graph_nodes"]
-    assert summary["steps"] == 2 and np.isfinite(summary["metrics"]["loss"])
-
-
-def test_train_seg_on_two_logical_cpus(runs):
-    root, results = runs
-    code, _, stderr = results["train_seg"]
-    assert code == 0, stderr[-3000:]
-    summary = json.loads((root / "seg" / "summary.json").read_text())
-    assert summary["strategy"] == "mirrored" and summary["num_replicas"] == 2
-    assert summary["steps"] == 2 and np.isfinite(summary["metrics"]["loss"])
-    assert (root / "seg" / "model.weights.h5").is_file()
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -6,6 +6,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 from mm_tf import experiment
@@ -194,7 +195,18 @@ def test_pipeline_binary_writes_reports_and_skips_finished_stages(tmp_path, smal
     assert report["arms"]["random+mm"]["stages"]["mm"]["key"] == "mm/random_graph"
     mm_summary = json.loads((tmp_path / "pipe" / "mm" / "random_graph" / "summary.json")
                             .read_text())
+    # Both training binaries ran on two logical CPUs: one global graph over both
+    # replicas' patches (smoke batch 2 = 1 + 1), the fine-tune's model written.
     assert mm_summary["num_replicas"] == 2 and mm_summary["strategy"] == "mirrored"
+    assert mm_summary["per_replica_batch_size"] == 1 and mm_summary["graph_scope"] == "global"
+    assert mm_summary["graph_nodes"] == 2 * mm_summary["patches_per_image"]
+    assert mm_summary["metrics"]["valid_patches"] == mm_summary["graph_nodes"]
+    assert mm_summary["steps"] == 2 and np.isfinite(mm_summary["metrics"]["loss"])
+    seg_dir = tmp_path / "pipe" / report["arms"]["random+mm"]["stages"]["seg"]["key"]
+    seg_summary = json.loads((seg_dir / "summary.json").read_text())
+    assert seg_summary["strategy"] == "mirrored" and seg_summary["num_replicas"] == 2
+    assert seg_summary["steps"] == 2 and np.isfinite(seg_summary["metrics"]["loss"])
+    assert (seg_dir / "model.weights.h5").is_file()
     markdown = (tmp_path / "pipe" / "report.md").read_text()
     assert "`random+mm`" in markdown and (tmp_path / "pipe" / "report_miou.png").is_file()
     again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
