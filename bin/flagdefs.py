@@ -139,6 +139,14 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
     flags.DEFINE_integer("verbose", 2, "Keras fit verbosity (0, 1, 2).")
 
 
+# MixConfig's fields and the flags of define_mix_flags that set them (before the prefix).
+MIX_FLAGS = {"patches_per_image": "patches_per_image", "patch_size": "patch_size",
+             "min_side": "min_patch", "max_side": "max_patch",
+             "background_fraction": "background_fraction",
+             "background_class": "background_class", "class_balanced": "class_balanced",
+             "oversample": "oversample", "max_overlap": "max_overlap"}
+
+
 def define_mix_flags(prefix: str = "", what: str = "Patches") -> None:
     """The mix step's flags (mm_tf.mix.MixConfig; defaults: the release's), named
     `{prefix}patches_per_image` etc., checked at parse time so that a bad value stops the
@@ -170,14 +178,6 @@ def define_mix_flags(prefix: str = "", what: str = "Patches") -> None:
     for field in ("background_fraction", "max_overlap"):
         flags.register_validator(name[field], lambda v: v is not None and 0.0 <= v <= 1.0,
                                  message="expected a fraction in [0, 1]")
-
-
-# MixConfig's fields and the flags of define_mix_flags that set them (before the prefix).
-MIX_FLAGS = {"patches_per_image": "patches_per_image", "patch_size": "patch_size",
-             "min_side": "min_patch", "max_side": "max_patch",
-             "background_fraction": "background_fraction",
-             "background_class": "background_class", "class_balanced": "class_balanced",
-             "oversample": "oversample", "max_overlap": "max_overlap"}
 
 
 def mix_config_from_flags(default_background: Optional[int], prefix: str = ""):
