@@ -120,18 +120,20 @@ def sample_bilinear(feature, points, stride):
     differentiable in `feature` and, inside the map, in `points`.
     """
     shape = tf.shape(feature)
-    height, width, channels = shape[1], shape[2], shape[3]
+    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
     y0, y1, wy = _axis_taps(points[..., 0], height, stride)
     x0, x1, wx = _axis_taps(points[..., 1], width, stride)
-    flat = tf.reshape(feature, [shape[0], height * width, channels])
-
-    def tap(yi, xi):
-        return tf.gather(flat, yi * width + xi, batch_dims=1)  # [B,P,C]
-
+    # The four taps in one flat gather: its gradient is a handful of ops, where a
+    # `batch_dims=1` gather's builds ~40, and tracing the hypercolumn train step (four taps
+    # of every feature map) took seconds for them.
+    offsets = (tf.range(batch) * (height * width))[:, tf.newaxis]  # [B,1]
+    rows = tf.stack([y0 * width + x0, y0 * width + x1,
+                     y1 * width + x0, y1 * width + x1]) + offsets  # [4,B,P]
+    taps = tf.gather(tf.reshape(feature, [-1, channels]), rows)  # [4,B,P,C]
     wy = tf.cast(wy, feature.dtype)[..., tf.newaxis]
     wx = tf.cast(wx, feature.dtype)[..., tf.newaxis]
-    top = tap(y0, x0) * (1 - wx) + tap(y0, x1) * wx
-    bottom = tap(y1, x0) * (1 - wx) + tap(y1, x1) * wx
+    top = taps[0] * (1 - wx) + taps[1] * wx
+    bottom = taps[2] * (1 - wx) + taps[3] * wx
     return top * (1 - wy) + bottom * wy
 
 
