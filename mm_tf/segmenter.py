@@ -463,10 +463,12 @@ def recompute_batch_norm_statistics(network: keras.Model, batches) -> int:
     try:
         for layer in layers:
             # moving <- moving * 0 + batch: after a call the moving statistics are that
-            # batch's. The calls below are eager, so they see this momentum.
+            # batch's. The function below is traced after this, so it sees this momentum.
             layer.momentum = 0.0
+        # One trace per batch shape, not every layer's ops run eagerly per batch.
+        forward = tf.function(lambda images: network(images, training=True))
         for count, batch in enumerate(batches, start=1):
-            network(batch[common.IMAGE], training=True)
+            forward(batch[common.IMAGE])
             for layer, total in zip(layers, sums):
                 mean = layer.moving_mean.numpy().astype(np.float64)
                 total[0] = total[0] + mean
