@@ -385,6 +385,10 @@ def train_dataset(
     # Numbering after shuffle+repeat makes every epoch's draw different yet fixed by the seed.
     ds = ds.enumerate()
 
+    # Autograph is off for the map functions: every branch they take on a tensor is an
+    # explicit tf.cond, and converting the ~20 functions they call cost seconds per
+    # process (each training binary and test builds several pipelines).
+    @tf.autograph.experimental.do_not_convert
     def parse(index, ref):
         image, label, _ = _read_example(ref, info, config.source)
         image, label = augment_lib.augment(
@@ -426,6 +430,7 @@ def eval_dataset(pairs, info, config: InputConfig, batch_size: int = 1) -> tf.da
     """
     refs, _ = _examples(pairs, config)
 
+    @tf.autograph.experimental.do_not_convert  # as in train_dataset
     def parse(ref):
         image, label, filename = _read_example(ref, info, config.source)
         size = tf.shape(image)
