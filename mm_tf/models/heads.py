@@ -297,20 +297,30 @@ class HypercolumnHead(keras.layers.Layer):
         size = tf.shape(maps[DATA])[1:3]
         g = self.grid_stride
         grid = (size + g - 1) // g
-        total = None
+        # Maps of one stride have one size ("same" padding throughout), so each stride is
+        # resampled once: its maps concatenated (finer than the grid) or their projections
+        # summed (coarser). Resampling and the projection are both linear: neither the
+        # order nor the grouping changes the result, only the number of resamples.
+        by_stride = {}
         for (name, _, stride), (start, stop) in zip(self.all_features, self._rows):
             feature = maps[name]
-            kernel = tf.cast(self.hidden.kernel[start:stop], feature.dtype)
+            by_stride.setdefault(stride, []).append(
+                (feature, tf.cast(self.hidden.kernel[start:stop], feature.dtype)))
+        parts = []
+        for stride, members in by_stride.items():
+            features, kernels = zip(*members)
             # Project where it is cheaper: on the grid for maps finer than the grid (data,
-            # conv1_x), at the map's own resolution for coarser ones. Resampling and the
-            # projection are both linear, so the order does not change the result.
+            # conv1_x), at the maps' own resolution for coarser ones.
             if stride < g:
-                part = tf.einsum("bhwc,cd->bhwd", resample_bilinear(feature, grid, stride, g),
-                                 kernel)
+                feature = features[0] if len(features) == 1 else tf.concat(features, -1)
+                kernel = kernels[0] if len(kernels) == 1 else tf.concat(kernels, 0)
+                parts.append(tf.einsum("bhwc,cd->bhwd",
+                                       resample_bilinear(feature, grid, stride, g), kernel))
             else:
-                part = resample_bilinear(tf.einsum("bhwc,cd->bhwd", feature, kernel), grid,
-                                         stride, g)
-            total = part if total is None else total + part
+                projected = tf.add_n([tf.einsum("bhwc,cd->bhwd", f, k)
+                                      for f, k in zip(features, kernels)])
+                parts.append(resample_bilinear(projected, grid, stride, g))
+        total = tf.add_n(parts)
         hidden = tf.nn.relu(total + tf.cast(self.hidden.bias, total.dtype))
         logits = self.scores(hidden)
         return resample_bilinear(logits, size, g) if upsample else logits
