@@ -129,10 +129,19 @@ def define_loop_flags(steps: int, log_every: int = 20, checkpoint_every: int = 2
                       image_every: int = 500) -> None:
     """Run length, logging and checkpoint cadence, seed, work folder, XLA."""
     flags.DEFINE_string("workdir", None, "Run folder (checkpoints, TensorBoard, outputs).")
-    flags.DEFINE_integer("steps", steps, "Optimizer steps.")
-    flags.DEFINE_integer("log_every", log_every, "Steps per logging window.")
-    flags.DEFINE_integer("checkpoint_every", checkpoint_every, "Steps between checkpoints.")
-    flags.DEFINE_integer("image_every", image_every, "Steps between image summaries.")
+    flags.DEFINE_integer("steps", steps, "Optimizer steps.", lower_bound=1)
+    flags.DEFINE_integer("log_every", log_every, "Steps per logging window.", lower_bound=1)
+    flags.DEFINE_integer("checkpoint_every", checkpoint_every, "Steps between checkpoints "
+                         "(a multiple of --log_every; 0 = only at the end).")
+    flags.DEFINE_integer("image_every", image_every, "Steps between image summaries (a "
+                         "multiple of --log_every; 0 = none).")
+    # training.LoopConfig's rule, checked here too: the error comes before TensorFlow loads.
+    for name in ("checkpoint_every", "image_every"):
+        flags.register_multi_flags_validator(
+            [name, "log_every"],
+            lambda f, name=name: (f[name] is not None and f[name] >= 0 and bool(f["log_every"])
+                                  and f[name] % f["log_every"] == 0),
+            message=f"expected --{name} a non-negative multiple of --log_every")
     flags.DEFINE_integer("seed", 0, "Base seed of data order and stateless randomness.",
                          lower_bound=0, upper_bound=2**31 - 1)
     flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")

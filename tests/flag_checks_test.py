@@ -33,6 +33,10 @@ BAD_FLAGS = [
     (["--momentum=1"], "--momentum=1.0"),
     (["--weight_decay=-1e-4"], "--weight_decay=-0.0001"),
     (["--seed=-1"], "--seed=-1"),
+    (["--steps=0"], "--steps=0"),
+    (["--log_every=0"], "--log_every=0"),
+    (["--log_every=4", "--checkpoint_every=6"], "checkpoint_every=6, log_every=4"),
+    (["--log_every=2", "--image_every=-4"], "image_every=-4, log_every=2"),
 ]
 
 

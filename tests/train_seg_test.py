@@ -132,7 +132,6 @@ def wide_backbone(tmp_path):
 @pytest.mark.parametrize("extra,needle", [
     (["--dataset=camvid", "--data_dir=/nonexistent/camvid"], "/nonexistent/camvid"),
     (["--init=/nonexistent/w.weights.h5"], "--init=/nonexistent/w.weights.h5"),
-    (["--log_every=0"], "--log_every"),
     (["--eval_split=nosuchsplit"], "nosuchsplit"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, extra, needle):
