@@ -1,6 +1,7 @@
 """bin/train_mm.py end to end: every experiment flagfile parses against the binary's
-flags, the demo flagfile trains with the smoke overlay, a SIGKILLed run rerun with the
-same command resumes and ends at the same step count, and bad input is one clear line."""
+flags; one demo run (the demo flagfile with the smoke overlay) stopped by a file damaged
+mid-run and then SIGKILLed resumes each time and writes its outputs; bad input is one
+clear line; the binaries skip only Keras' own optional imports."""
 
 import json
 import os
@@ -46,20 +47,6 @@ def test_every_mm_flagfile_parses():
     flags.FLAGS.unparse_flags()
 
 
-def test_demo_flagfile_trains_and_writes_summary(tmp_path, small_demo_dir):
-    workdir = tmp_path / "mm"
-    result = _train_mm(*_demo_args(small_demo_dir, f"--workdir={workdir}"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == 2
-    assert summary["graph_nodes"] == summary["global_batch_size"] * summary["patches_per_image"]
-    assert (workdir / "backbone.weights.h5").is_file()
-    assert list((workdir / "tensorboard" / "train").iterdir())
-    # flags/demo_mm.flags turns the probe on: step 0 and the last step are probed.
-    assert [e["step"] for e in summary["probe"]["history"]] == [0, 2]
-    assert summary["movement"]["conv1_1"] > 0
-
-
 def _start_until_checkpoint(args, workdir, step: int, **popen_kwargs) -> subprocess.Popen:
     """Starts bin/train_mm.py and returns it, still running, once it has written the
     checkpoint of `step` (the test fails if the run ends first: raise --steps)."""
@@ -76,19 +63,59 @@ def _start_until_checkpoint(args, workdir, step: int, **popen_kwargs) -> subproc
     return proc
 
 
-def test_sigkill_then_rerun_resumes_to_the_same_step_count(tmp_path, small_demo_dir):
+def test_one_demo_run_survives_bad_data_and_sigkill_and_writes_its_outputs(tmp_path):
+    """One run's life on a tiny demo set (three processes, each TensorFlow start is
+    seconds): with --check_data=off an image truncated while it trains stops it with one
+    line naming the image, the newest checkpoint untouched; with the file back the same
+    command restores that checkpoint (the resumed step proves it loaded) and is
+    SIGKILLed after a later one; the next rerun resumes from that and finishes with the
+    demo flagfile's outputs (summary, backbone, TensorBoard, probe, movement)."""
+    root = synthetic.generate_demo_dataset(tmp_path / "data", num_train=4, num_val=1,
+                                           height=64, width=64)
+    image = pathlib.Path(demo_pairs(root, "train")[2][0])
+    original = image.read_bytes()
     workdir = tmp_path / "mm"
-    args = _demo_args(small_demo_dir, f"--workdir={workdir}", "--steps=12", "--lr_boundaries=6",
-                      "--image_every=0")
-    proc = _start_until_checkpoint(args, workdir, 3, stdout=subprocess.DEVNULL,
+    args = _demo_args(root, f"--workdir={workdir}", "--steps=24", "--lr_boundaries=12",
+                      "--image_every=12", "--check_data=off")
+    state = workdir / "checkpoints" / "checkpoint"
+
+    def newest_checkpoint():
+        return int(state.read_text().split('"')[1].split("-")[1])  # model_checkpoint_path
+
+    log = tmp_path / "stderr.txt"  # A file, not a pipe: nobody reads it while it runs.
+    with open(log, "w") as stderr_file:
+        proc = _start_until_checkpoint(args, workdir, 2, stdout=subprocess.DEVNULL,
+                                       stderr=stderr_file)
+        damage(image, "truncate")  # Every epoch (2 steps) reads every image again.
+        proc.wait(timeout=240)
+    stderr = log.read_text()
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    last, errors = error_lines(stderr)
+    assert errors == [last] and last.startswith(f"error: {image}: cannot decode image"), \
+        stderr[-3000:]
+    kept = newest_checkpoint()
+    assert f"newest checkpoint kept: {workdir / 'checkpoints'}/ckpt-{kept}" in last
+    assert 2 <= kept < 20 and not (workdir / "summary.json").exists()
+
+    image.write_bytes(original)
+    proc = _start_until_checkpoint(args, workdir, kept + 2, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (workdir / "summary.json").exists()
+    killed_at = newest_checkpoint()
+    assert killed_at >= kept + 2 and not (workdir / "summary.json").exists()
+
     result = _train_mm(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == 12 and summary["resumed_from_step"] >= 3
+    assert summary["steps"] == 24 and summary["resumed_from_step"] == killed_at
+    assert summary["graph_nodes"] == summary["global_batch_size"] * summary["patches_per_image"]
+    assert (workdir / "backbone.weights.h5").is_file()
+    assert list((workdir / "tensorboard" / "train").iterdir())
+    # flags/demo_mm.flags turns the probe on: step 0 and the last step are probed.
+    steps = [e["step"] for e in summary["probe"]["history"]]
+    assert steps[0] == 0 and steps[-1] == 24, steps
+    assert summary["movement"]["conv1_1"] > 0
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -119,38 +146,6 @@ def test_unreadable_init_is_one_line_naming_it(tmp_path, small_demo_dir, kind):
     last, errors = error_lines(result.stderr)
     assert errors == [last] and str(path) in last, result.stderr[-3000:]
     assert ("not a Keras .weights.h5" if kind == "not_hdf5" else "truncated or damaged") in last
-
-
-def test_file_damaged_mid_run_is_one_line_and_the_rerun_resumes(tmp_path):
-    """--check_data=off, an image truncated while the run trains: the run stops naming
-    it, its newest checkpoint is untouched, and once the file is back the same command
-    restores that checkpoint (the resumed step proves it loaded) and finishes."""
-    root = synthetic.generate_demo_dataset(tmp_path / "data", num_train=4, num_val=1,
-                                           height=64, width=64)
-    image = pathlib.Path(demo_pairs(root, "train")[2][0])
-    original = image.read_bytes()
-    args = _demo_args(root, f"--workdir={tmp_path / 'mm'}", "--steps=24", "--lr_boundaries=12",
-                      "--image_every=0", "--check_data=off")
-    log = tmp_path / "stderr.txt"  # A file, not a pipe: nobody reads it while it runs.
-    with open(log, "w") as stderr_file:
-        proc = _start_until_checkpoint(args, tmp_path / "mm", 2, stdout=subprocess.DEVNULL,
-                                       stderr=stderr_file)
-        damage(image, "truncate")  # Every epoch (2 steps) reads every image again.
-        proc.wait(timeout=240)
-    stderr = log.read_text()
-    state = tmp_path / "mm" / "checkpoints" / "checkpoint"
-    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
-    last, errors = error_lines(stderr)
-    assert errors == [last] and last.startswith(f"error: {image}: cannot decode image"), \
-        stderr[-3000:]
-    kept = int(state.read_text().split('"')[1].split("-")[1])  # model_checkpoint_path
-    assert f"newest checkpoint kept: {tmp_path / 'mm' / 'checkpoints'}/ckpt-{kept}" in last
-    assert 2 <= kept < 24 and not (tmp_path / "mm" / "summary.json").exists()
-    image.write_bytes(original)
-    result = _train_mm(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "mm" / "summary.json").read_text())
-    assert summary["steps"] == 24 and summary["resumed_from_step"] == kept
 
 
 _STARTUP = """
