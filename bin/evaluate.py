@@ -68,21 +68,20 @@ def _print_table(scores, split):
 
 def main(argv):
     del argv
-    # Imported here so --help is instant and flag errors come before TensorFlow loads.
-    from mm_tf import common
-    from mm_tf import evaluation
-    from mm_tf import segmenter
-    from mm_tf.data import datasets
-    from mm_tf.data import pipeline
-    from mm_tf.errors import ConfigError
-    import numpy as np
-    from PIL import Image
-
     with flagdefs.training_errors_as_one_line():
-        network, model_config = segmenter.load_model(
-            *flagdefs.trained_model_paths_from_flags())
-        recorded = model_config.get("data", {})
-        dataset = FLAGS.dataset or recorded.get("dataset") or model_config["dataset"]
+        # Files, data and the data check first, without TensorFlow: a bad path or flag
+        # fails in a fraction of a second.
+        from mm_tf.data import datasets  # pylint: disable=import-outside-toplevel
+        from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
+        weights, config_path = flagdefs.trained_model_paths_from_flags()
+        flagdefs.scales_from_flags()  # checked now, used by _inference_config
+        try:
+            with open(config_path) as f:
+                model_config = json.load(f)
+            recorded = model_config.get("data", {})
+            dataset = FLAGS.dataset or recorded.get("dataset") or model_config["dataset"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{config_path}: not a valid model config ({e})") from e
         data_dir = FLAGS.data_dir or recorded.get("data_dir")
         split = FLAGS.split or recorded.get("split") or "val"
         if not data_dir:
@@ -92,12 +91,22 @@ def main(argv):
             dataset, data_dir, split, list_file=list_file,
             num_classes=recorded.get("num_classes") if dataset == "list" else None,
             ignore_label=recorded.get("ignore_label") if dataset == "list" else None)
-        if info.num_classes != model_config["num_classes"]:
+        if info.num_classes != model_config.get("num_classes"):
             raise ConfigError(f"--dataset={dataset} has {info.num_classes} classes, the model "
-                              f"{model_config['num_classes']}")
+                              f"{model_config.get('num_classes')}")
         if FLAGS.max_images:
             pairs = pairs[:FLAGS.max_images]
         info = flagdefs.check_data_from_flags(pairs, info, recorded.get("unknown_labels"))
+
+        # pylint: disable=import-outside-toplevel
+        from mm_tf import common
+        from mm_tf import evaluation
+        from mm_tf import segmenter
+        from mm_tf.data import pipeline
+        import numpy as np
+        from PIL import Image
+        flagdefs.check_trained_weights_file(weights)
+        network, model_config = segmenter.load_model(weights, config_path)
         inference = _inference_config(model_config.get("inference", {}))
 
         on_prediction = None

@@ -48,6 +48,7 @@ def main(argv):
 
     try:
         weights, config_path = flagdefs.trained_model_paths_from_flags()
+        flagdefs.check_trained_weights_file(weights)
         network, model_config = segmenter.load_model(weights, config_path)
         recorded = model_config.get("inference", {})
         scales = flagdefs.scales_from_flags(

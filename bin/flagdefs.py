@@ -284,24 +284,37 @@ def define_trained_model_flags() -> None:
 
 
 def trained_model_paths_from_flags():
-    """(weights path, model config path) from --weights/--model_config or --workdir.
-    Raises mm_tf.errors.ConfigError when neither names a model."""
-    from mm_tf import segmenter  # pylint: disable=import-outside-toplevel
-    from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    """(weights path, model config path) from --weights/--model_config or --workdir, both
+    files checked to exist (TensorFlow-free: call it before TensorFlow loads).
+    Raises mm_tf.errors.ConfigError when neither names a model or a file is missing."""
+    # pylint: disable=import-outside-toplevel
+    from mm_tf import common
+    from mm_tf.errors import ConfigError
     weights, config = FLAGS.weights, FLAGS.model_config
     if FLAGS.workdir:
-        weights = weights or os.path.join(FLAGS.workdir, segmenter.MODEL_WEIGHTS)
-        config = config or os.path.join(FLAGS.workdir, segmenter.MODEL_CONFIG)
+        weights = weights or os.path.join(FLAGS.workdir, common.MODEL_WEIGHTS)
+        config = config or os.path.join(FLAGS.workdir, common.MODEL_CONFIG)
     if not (weights and config):
         raise ConfigError("give --workdir of a bin/train_seg.py run, or both --weights and "
                           "--model_config")
-    if os.path.isfile(weights):  # A missing one is named with where it should be.
-        from mm_tf.models import weights as weights_lib  # pylint: disable=import-outside-toplevel
-        try:
-            weights_lib.check_weights_file(weights)
-        except weights_lib.WeightsFileError as e:
-            raise ConfigError(str(e)) from None
+    for path in (config, weights):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} does not exist (a bin/train_seg.py run's --workdir "
+                              f"holds {common.MODEL_CONFIG} and {common.MODEL_WEIGHTS}; or "
+                              "give --weights and --model_config)")
     return weights, config
+
+
+def check_trained_weights_file(weights: str) -> None:
+    """Raises mm_tf.errors.ConfigError (naming `weights`) unless it is a readable Keras
+    weights file (loads TensorFlow)."""
+    # pylint: disable=import-outside-toplevel
+    from mm_tf.errors import ConfigError
+    from mm_tf.models import weights as weights_lib
+    try:
+        weights_lib.check_weights_file(weights)
+    except weights_lib.WeightsFileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def scales_from_flags(default=None):

@@ -21,3 +21,7 @@ INPUT_GREY = "grey"  # mean of RGB, scaled to [0, 1], minus GREY_SHIFT (coloriza
 INPUT_MODES = (INPUT_RGB, INPUT_GREY)
 RGB_MEAN = (123.68, 116.779, 103.939)
 GREY_SHIFT = 0.4488
+
+# A trained segmentation model's files in its run folder (bin/train_seg.py --workdir).
+MODEL_WEIGHTS = "model.weights.h5"
+MODEL_CONFIG = "model_config.json"

@@ -61,8 +61,8 @@ from mm_tf.models import heads
 from mm_tf.models import weights as weights_lib
 
 CLASS_WEIGHTINGS = ("none", "median_frequency")
-MODEL_WEIGHTS = "model.weights.h5"
-MODEL_CONFIG = "model_config.json"
+MODEL_WEIGHTS = common.MODEL_WEIGHTS
+MODEL_CONFIG = common.MODEL_CONFIG
 SUMMARY = "summary.json"
 CLASS_WEIGHTS = "class_weights.json"
 
