@@ -305,6 +305,16 @@ def trained_model_paths_from_flags():
     return weights, config
 
 
+def check_init_file() -> None:
+    """Raises mm_tf.errors.ConfigError naming --init unless it is 'random' or an existing
+    file (TensorFlow-free: the training binaries call it before TensorFlow loads; the
+    file's format is checked when it is loaded)."""
+    from mm_tf.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    if FLAGS.init != "random" and not os.path.isfile(FLAGS.init):
+        raise ConfigError(f"--init={FLAGS.init}: no such weights file (expected 'random' "
+                          "or a backbone .weights.h5/.npz file)")
+
+
 def check_trained_weights_file(weights: str) -> None:
     """Raises mm_tf.errors.ConfigError (naming `weights`) unless it is a readable Keras
     weights file (loads TensorFlow)."""

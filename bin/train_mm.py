@@ -61,6 +61,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        flagdefs.check_init_file()
         # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
         pairs, info = flagdefs.dataset_from_flags()
         info = flagdefs.check_data_from_flags(pairs, info)

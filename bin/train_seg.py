@@ -80,6 +80,7 @@ def main(argv):
     from mm_tf.data import datasets
 
     with flagdefs.training_errors_as_one_line(resume_dir=FLAGS.workdir):
+        flagdefs.check_init_file()
         # Data first, without TensorFlow: a bad file fails in seconds, all listed at once.
         train_pairs, info = flagdefs.dataset_from_flags()
         val_pairs, _ = datasets.read_dataset(
