@@ -112,6 +112,11 @@ def _axis_taps(coords, size, stride):
     return i0, tf.minimum(i0 + 1, size - 1), u - lower
 
 
+def _concat(maps):
+    """maps: list of [B,h,w,C_i] of one size -> [B,h,w,sum C_i] (the map itself if one)."""
+    return maps[0] if len(maps) == 1 else tf.concat(maps, axis=-1)
+
+
 def sample_bilinear(feature, points, stride):
     """Bilinear read of feature [B,h,w,C] at stride s at points [B,P,2] (y, x pixels) -> [B,P,C].
 
@@ -245,6 +250,16 @@ class HypercolumnHead(keras.layers.Layer):
             self._rows.append((start, start + channels))
             start += channels
         self.hypercolumn_channels = start
+        # Runs of consecutive features at one stride (one map size: "same" padding
+        # throughout): each run is sampled or resampled as one concatenated map, with its
+        # rows of the hidden kernel [start, stop), in the order of the hypercolumn.
+        self._runs = []
+        for (name, _, stride), (begin, end) in zip(self.all_features, self._rows):
+            if self._runs and self._runs[-1][0] == stride:
+                names, (first, _) = self._runs[-1][1], self._runs[-1][2]
+                self._runs[-1] = (stride, names + [name], (first, end))
+            else:
+                self._runs.append((stride, [name], (begin, end)))
         # The one classifier, applied to [B,P,F] points and (by kernel slices) to grids.
         self.hidden = keras.layers.Dense(self.hidden_units, activation="relu",
                                          kernel_initializer="glorot_uniform", name="hidden")
@@ -287,8 +302,8 @@ class HypercolumnHead(keras.layers.Layer):
             x = pool(tf.nn.relu(bn(conv(x), training=training)))
             maps[name] = x
         if points is not None:
-            columns = [sample_bilinear(maps[name], points, stride)
-                       for name, _, stride in self.all_features]
+            columns = [sample_bilinear(_concat([maps[name] for name in names]), points, stride)
+                       for stride, names, _ in self._runs]
             return self.scores(self.hidden(tf.concat(columns, axis=-1)))
         return self._dense(maps, upsample)
 
@@ -297,29 +312,22 @@ class HypercolumnHead(keras.layers.Layer):
         size = tf.shape(maps[DATA])[1:3]
         g = self.grid_stride
         grid = (size + g - 1) // g
-        # Maps of one stride have one size ("same" padding throughout), so each stride is
-        # resampled once: its maps concatenated (finer than the grid) or their projections
-        # summed (coarser). Resampling and the projection are both linear: neither the
-        # order nor the grouping changes the result, only the number of resamples.
-        by_stride = {}
-        for (name, _, stride), (start, stop) in zip(self.all_features, self._rows):
-            feature = maps[name]
-            by_stride.setdefault(stride, []).append(
-                (feature, tf.cast(self.hidden.kernel[start:stop], feature.dtype)))
+        # One resample per run of equal-stride maps (self._runs): its maps concatenated
+        # when finer than the grid, else their projections summed. Resampling and the
+        # projection are both linear: neither the order nor the grouping changes the
+        # result, only the number of resamples.
         parts = []
-        for stride, members in by_stride.items():
-            features, kernels = zip(*members)
+        for stride, names, (start, stop) in self._runs:
+            feature = _concat([maps[name] for name in names])
+            kernel = tf.cast(self.hidden.kernel[start:stop], feature.dtype)
             # Project where it is cheaper: on the grid for maps finer than the grid (data,
             # conv1_x), at the maps' own resolution for coarser ones.
             if stride < g:
-                feature = features[0] if len(features) == 1 else tf.concat(features, -1)
-                kernel = kernels[0] if len(kernels) == 1 else tf.concat(kernels, 0)
                 parts.append(tf.einsum("bhwc,cd->bhwd",
                                        resample_bilinear(feature, grid, stride, g), kernel))
             else:
-                projected = tf.add_n([tf.einsum("bhwc,cd->bhwd", f, k)
-                                      for f, k in zip(features, kernels)])
-                parts.append(resample_bilinear(projected, grid, stride, g))
+                parts.append(resample_bilinear(tf.einsum("bhwc,cd->bhwd", feature, kernel),
+                                               grid, stride, g))
         total = tf.add_n(parts)
         hidden = tf.nn.relu(total + tf.cast(self.hidden.bias, total.dtype))
         logits = self.scores(hidden)
